@@ -1,0 +1,113 @@
+"""LoHa (LyCORIS ``loha``): dW = (w1_a @ w1_b) * (w2_a @ w2_b), formats.md section 2.2.
+
+Tensors (community names and layouts):
+  plain   hada_w{1,2}_a (out, r), hada_w{1,2}_b (r, in*k*k)  (conv ``_b`` flattened)
+  Tucker  hada_w{1,2}_a (r, out) - transposed -, hada_w{1,2}_b (r, in), hada_t{1,2} (r, r, k...)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import khatri_rao_pair, tucker_down
+
+NAME = "loha"
+REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+OPTIONAL = ("hada_t1", "hada_t2")
+
+
+def detect(params) -> bool:
+    return "hada_w1_a" in params
+
+
+def rank(params) -> int:
+    return params["hada_w1_b"].shape[0]
+
+
+def is_tucker(params) -> bool:
+    return "hada_t1" in params
+
+
+def _half(params, index: int, legacy_tucker: bool = False):
+    """One Hadamard factor as a low-rank pair (up (out, r), down (r, in*k*k))."""
+    w_a = params[f"hada_w{index}_a"].float()
+    w_b = params[f"hada_w{index}_b"].float()
+    if not is_tucker(params):
+        return w_a, w_b.flatten(1)
+    # LyCORIS <= 1.9 trained Tucker files with t1 in both halves (formats.md edge case 11).
+    core = params["hada_t1" if legacy_tucker else f"hada_t{index}"].float()
+    return w_a.t(), tucker_down(core, w_b)
+
+
+class HadamardOfProducts(torch.autograd.Function):
+    """(u1 @ d1) * (u2 @ d2) that keeps only the four factors for backward.
+
+    The two full-size products are recomputed in backward instead of being saved, so a layer
+    holds O(r * (out + in)) activations for its adapter instead of two weight-sized tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, u1, d1, u2, d2):
+        ctx.save_for_backward(u1, d1, u2, d2)
+        return (u1 @ d1) * (u2 @ d2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u1, d1, u2, d2 = ctx.saved_tensors
+        g1 = grad * (u2 @ d2)
+        g2 = grad * (u1 @ d1)
+        return g1 @ d1.t(), u1.t() @ g1, g2 @ d2.t(), u2.t() @ g2
+
+
+def delta_weight(params, shape, legacy_tucker: bool = False) -> torch.Tensor:
+    """Unscaled fp32 dW reshaped to the target weight ``shape``."""
+    u1, d1 = _half(params, 1, legacy_tucker)
+    u2, d2 = _half(params, 2, legacy_tucker)
+    return HadamardOfProducts.apply(u1, d1, u2, d2).reshape(shape)
+
+
+def low_rank_factors(params, legacy_tucker: bool = False):
+    """Exact rank-r^2 pair (up (out, r^2), down (r^2, in*k*k)) whose product is dW."""
+    return khatri_rao_pair(*_half(params, 1, legacy_tucker), *_half(params, 2, legacy_tucker))
+
+
+def thin_rank(params) -> int:
+    return rank(params) ** 2
+
+
+def build_cost(shape, params) -> int:
+    """Multiply-adds to build dW once: two rank-r products (the Tucker fold is negligible)."""
+    return 2 * math.prod(shape) * rank(params)
+
+
+def init_params(shape, r: int, use_tucker: bool = False, scheme: str = "lycoris"):
+    """Fresh tensors whose dW is exactly zero.
+
+    ``scheme="lycoris"`` follows LyCORIS/kohya (w1_a ~ N(0, 0.1), w1_b, w2_b ~ N(0, 1),
+    w2_a = 0) so that learning rates from those trainers carry over; ``"peft"`` follows PEFT
+    (Kaiming-uniform, w2_b = 0); ``"random"`` makes every factor random (non-zero dW).
+    """
+    out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+    tucker = use_tucker and any(k != 1 for k in kernel)
+    if tucker:
+        shapes = {"hada_w1_a": (r, out_dim), "hada_w1_b": (r, in_dim), "hada_t1": (r, r, *kernel),
+                  "hada_w2_a": (r, out_dim), "hada_w2_b": (r, in_dim), "hada_t2": (r, r, *kernel)}
+    else:
+        flat_in = in_dim * math.prod(kernel)
+        shapes = {"hada_w1_a": (out_dim, r), "hada_w1_b": (r, flat_in),
+                  "hada_w2_a": (out_dim, r), "hada_w2_b": (r, flat_in)}
+    params = {name: torch.empty(size) for name, size in shapes.items()}
+    if scheme == "lycoris":
+        for name, p in params.items():
+            std = 0.1 if name in ("hada_w1_a", "hada_t1", "hada_t2") else 1.0
+            torch.nn.init.normal_(p, std=std)
+        torch.nn.init.zeros_(params["hada_w2_a"])
+    elif scheme in ("peft", "random"):
+        for p in params.values():
+            torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        if scheme == "peft":
+            torch.nn.init.zeros_(params["hada_w2_b"])
+    else:
+        raise ValueError(f"unknown init scheme {scheme!r}: expected 'lycoris', 'peft' or 'random'")
+    return params

@@ -1,0 +1,67 @@
+"""LoRA / LoCon (kohya, LyCORIS ``locon``): dW = up @ [mid] @ down, formats.md section 2.1.
+
+Tensors: lora_down.weight (r, in) or (r, in, k, k) [Tucker: (r, in, 1, 1)],
+lora_up.weight (out, r) or (out, r, 1, 1), optional lora_mid.weight (r, r, k, k).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import tucker_down
+
+NAME = "lora"
+REQUIRED = ("lora_down.weight", "lora_up.weight")
+OPTIONAL = ("lora_mid.weight",)
+
+
+def detect(params) -> bool:
+    return "lora_down.weight" in params
+
+
+def rank(params) -> int:
+    return params["lora_down.weight"].shape[0]
+
+
+def low_rank_factors(params, **_):
+    up = params["lora_up.weight"].float().flatten(1)
+    down = params["lora_down.weight"].float()
+    if "lora_mid.weight" in params:
+        return up, tucker_down(params["lora_mid.weight"].float(), down)
+    return up, down.flatten(1)
+
+
+def delta_weight(params, shape, **_) -> torch.Tensor:
+    up, down = low_rank_factors(params)
+    return (up @ down).reshape(shape)
+
+
+def thin_rank(params) -> int:
+    return rank(params)
+
+
+def build_cost(shape, params) -> int:
+    return math.prod(shape) * rank(params)
+
+
+def init_params(shape, r: int, use_tucker: bool = False, scheme: str = "lycoris"):
+    """Kaiming-uniform down, zero up (kohya, LyCORIS and PEFT agree), so dW starts at zero."""
+    out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+    tucker = use_tucker and any(k != 1 for k in kernel)
+    if not kernel:
+        shapes = {"lora_down.weight": (r, in_dim), "lora_up.weight": (out_dim, r)}
+    elif tucker:
+        ones = (1,) * len(kernel)
+        shapes = {"lora_down.weight": (r, in_dim, *ones), "lora_mid.weight": (r, r, *kernel),
+                  "lora_up.weight": (out_dim, r, *ones)}
+    else:
+        shapes = {"lora_down.weight": (r, in_dim, *kernel), "lora_up.weight": (out_dim, r, *(1,) * len(kernel))}
+    params = {name: torch.empty(size) for name, size in shapes.items()}
+    if scheme not in ("lycoris", "peft", "random"):
+        raise ValueError(f"unknown init scheme {scheme!r}: expected 'lycoris', 'peft' or 'random'")
+    for name, p in params.items():
+        torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    if scheme != "random":
+        torch.nn.init.zeros_(params["lora_up.weight"])
+    return params

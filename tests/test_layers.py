@@ -1,0 +1,176 @@
+"""The adapter layer: forward, gradients, zero init, merge/unmerge, caching - against formulas."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loha_diffusion import AdapterLayer, AdapterWeights
+from loha_diffusion.algorithms import loha, lora
+
+from formulas import apply_layer, lora_delta, loha_delta
+
+FORMULAS = {"loha": loha_delta, "lora": lora_delta}
+ALGOS = {"loha": loha, "lora": lora}
+
+
+def make_layer(kind):
+    torch.manual_seed(0)
+    return {"linear": lambda: nn.Linear(24, 20),
+            "conv1d": lambda: nn.Conv1d(6, 10, 3, padding=1),
+            "conv2d": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1)}[kind]()
+
+
+def make_input(kind, tokens=5):
+    torch.manual_seed(1)
+    return {"linear": torch.randn(2, tokens, 24), "conv1d": torch.randn(2, 6, 9),
+            "conv2d": torch.randn(2, 6, 9, 9)}[kind]
+
+
+def wrap(layer, algo="loha", tucker=False, alpha=6.0, r=4, scheme="random", **kw):
+    wrapped = AdapterLayer(layer)
+    tensors = ALGOS[algo].init_params(layer.weight.shape, r, use_tucker=tucker, scheme=scheme)
+    wrapped.add_adapter("a", AdapterWeights(algo, tensors, alpha, **kw))
+    return wrapped
+
+
+def reference_output(wrapped, x, names=("a",)):
+    """The wrapped layer's op in float64 with the formula's merged weight."""
+    return apply_layer(copy.deepcopy(wrapped.base_layer).double(), x.double(), reference_weight(wrapped, names))
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def reference_weight(wrapped, names=("a",)):
+    weight = wrapped.base_layer.weight.double()
+    for name in names:
+        adapter = wrapped.adapters[name]
+        tensors = {k: v.detach() for k, v in adapter.params.items()}
+        delta = FORMULAS[adapter.algorithm.NAME](tensors, weight.shape, float(adapter.alpha))
+        weight = weight + wrapped.strengths[name] * delta
+    return weight
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("algo,tucker", [("loha", False), ("loha", True), ("lora", False), ("lora", True)])
+@pytest.mark.parametrize("path", ["thin", "merged"])
+def test_forward_and_gradients_equal_reference(kind, algo, tucker, path, monkeypatch):
+    wrapped = wrap(make_layer(kind), algo, tucker)
+    wrapped.base_layer.requires_grad_(False)
+    monkeypatch.setattr(AdapterLayer, "_prefers_thin_path", lambda self, *a: path == "thin")
+    x = make_input(kind)
+    out = wrapped(x)
+    reference_params = {k: v.detach().clone().double().requires_grad_() for k, v in wrapped.adapters["a"].params.items()}
+    base = wrapped.base_layer
+    delta = FORMULAS[algo](reference_params, base.weight.shape, 6.0)
+    expected = apply_layer(base.double(), x.double(), base.weight + delta)
+    base.float()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    (expected * grad_out.double()).sum().backward()
+    for name, param in wrapped.adapters["a"].params.items():
+        torch.testing.assert_close(param.grad.double(), reference_params[name].grad, rtol=1e-4, atol=1e-4)
+    assert base.weight.grad is None and base.bias.grad is None
+
+
+def test_cost_model_picks_thin_for_few_tokens_and_merged_for_many():
+    wrapped = wrap(nn.Linear(256, 256), r=8)
+    assert wrapped._prefers_thin_path(torch.randn(2, 256), ["a"], needs_grad=True)        # time_emb_proj-like
+    assert not wrapped._prefers_thin_path(torch.randn(4096, 256), ["a"], needs_grad=True)  # big token count
+
+
+@pytest.mark.parametrize("algo", ["loha", "lora"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_zero_init_is_bit_identical(algo, kind):
+    layer = make_layer(kind)
+    plain = copy.deepcopy(layer)
+    wrapped = wrap(layer, algo, scheme="lycoris")
+    x = make_input(kind, tokens=300)
+    for training in (True, False):
+        wrapped.train(training)
+        assert torch.equal(wrapped(x), plain(x))
+        with torch.no_grad():
+            assert torch.equal(wrapped(x), plain(x))
+
+
+def test_eval_cache_follows_parameter_and_strength_changes():
+    wrapped = wrap(make_layer("linear")).eval()
+    x = make_input("linear")
+    with torch.no_grad():
+        close(wrapped(x), reference_output(wrapped, x))
+        wrapped.adapters["a"].get_parameter("hada_w1_a").mul_(2)        # in-place edit: cache must notice
+        close(wrapped(x), reference_output(wrapped, x))
+        wrapped.set_strength("a", 0.5)
+        close(wrapped(x), reference_output(wrapped, x))
+        wrapped.base_layer.weight.add_(1.0)                             # base weight edited in place
+        close(wrapped(x), reference_output(wrapped, x))
+
+
+def test_two_adapters_combine_linearly():
+    wrapped = wrap(make_layer("conv2d"))
+    tensors = lora.init_params(wrapped.weight.shape, 3, scheme="random")
+    wrapped.add_adapter("b", AdapterWeights("lora", tensors, 1.5), strength=-0.7)
+    x = make_input("conv2d")
+    ref = reference_output(wrapped, x, ("a", "b"))
+    for training in (True, False):
+        wrapped.train(training)
+        close(wrapped(x), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_then_unmerge_restores_weights_bit_exactly(dtype):
+    wrapped = wrap(make_layer("conv2d")).to(dtype)
+    original = wrapped.base_layer.weight.detach().clone()
+    wrapped.merge()
+    merged = wrapped.base_layer.weight.detach().clone()
+    expected = (original.double() + loha_delta({k: v.detach() for k, v in wrapped.adapters["a"].params.items()},
+                                               original.shape, 6.0)).to(dtype)
+    assert torch.equal(merged, expected) or torch.allclose(merged.double(), expected.double(), atol=1e-6)
+    assert not torch.equal(merged, original)
+    x = make_input("conv2d").to(dtype)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), wrapped.base_layer(x))  # merged adapters are not applied twice
+    wrapped.unmerge()
+    assert torch.equal(wrapped.base_layer.weight, original)
+
+
+def test_strength_of_fused_adapter_cannot_change_silently():
+    wrapped = wrap(make_layer("linear"))
+    wrapped.merge()
+    with pytest.raises(RuntimeError, match="unfuse"):
+        wrapped.set_strength("a", 0.3)
+
+
+def test_module_dropout_skips_adapter_in_training_only(monkeypatch):
+    wrapped = wrap(make_layer("linear"), module_dropout=0.999999)
+    plain = copy.deepcopy(wrapped.base_layer)
+    x = make_input("linear")
+    wrapped.train()
+    assert torch.equal(wrapped(x), plain(x))
+    wrapped.eval()
+    assert not torch.equal(wrapped(x), plain(x))
+
+
+def test_rank_dropout_masks_rows_and_keeps_expectation():
+    torch.manual_seed(0)
+    wrapped = wrap(nn.Linear(16, 400), rank_dropout=0.5).train()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        base = wrapped.base_layer(x)
+        wrapped.eval()
+        full = wrapped(x) - base
+        wrapped.train()
+        dropped = wrapped(x) - base
+    kept = (dropped.abs().sum(0) > 0)
+    assert 0.3 < kept.float().mean() < 0.7            # about half of the output rows dropped
+    ratio = dropped[:, kept] / full[:, kept]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1 / kept.float().mean().item()), rtol=1e-3, atol=1e-3)
+
+
+def test_unsupported_layer_is_refused():
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d and nn.Conv2d"):
+        AdapterLayer(nn.Embedding(10, 4))
