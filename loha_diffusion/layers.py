@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algorithms import alpha_scale, get_algorithm
+from .algorithms import get_algorithm
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -47,14 +47,14 @@ class AdapterWeights(nn.Module):
         # A missing alpha is stored as alpha = rank: same scale (1), and every file we write
         # then carries one alpha per module as consumers expect.
         self.register_buffer("alpha", torch.tensor(float(rank if alpha is None else alpha)))
-        self.scale = alpha_scale(float(self.alpha), rank)
+        self.scale = self.algorithm.scale(tensors, float(self.alpha))
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.legacy_tucker = legacy_tucker
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_scale())
 
     def refresh_scale(self) -> None:
-        self.scale = alpha_scale(float(self.alpha), self.rank)
+        self.scale = self.algorithm.scale(self.params, float(self.alpha))
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -71,9 +71,9 @@ class AdapterWeights(nn.Module):
     def versions(self) -> tuple:
         return tuple(p._version for p in self.parameters()) + (self.alpha._version,)
 
-    def delta_weight(self, shape) -> torch.Tensor:
-        """Unscaled fp32 dW."""
-        return self.algorithm.delta_weight(self.params, shape, legacy_tucker=self.legacy_tucker)
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Unscaled fp32 dW for the base ``weight``."""
+        return self.algorithm.delta_weight(self.params, weight, legacy_tucker=self.legacy_tucker)
 
     def low_rank_factors(self):
         return self.algorithm.low_rank_factors(self.params, legacy_tucker=self.legacy_tucker)
@@ -159,7 +159,7 @@ class AdapterLayer(nn.Module):
 
     # -- math ------------------------------------------------------------------------------
     def _scaled_delta(self, adapter: AdapterWeights, strength: float, training: bool) -> torch.Tensor:
-        delta = adapter.delta_weight(self.base_layer.weight.shape)
+        delta = adapter.delta_weight(self.base_layer.weight)
         if training and adapter.rank_dropout > 0:
             delta = delta * self._row_mask(adapter, delta).view(-1, *(1,) * (delta.dim() - 1))
         return delta * (adapter.scale * strength)

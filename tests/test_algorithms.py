@@ -38,7 +38,7 @@ def test_loha_delta_matches_peft_and_formula(kind, effective):
                if "default" in getattr(peft_layer, n)}
     expected_tucker = effective and kind in ("conv1d", "conv2d_3x3")
     assert loha.is_tucker(tensors) == expected_tucker
-    ours = loha.delta_weight(tensors, shape) * alpha_scale(6, loha.rank(tensors))
+    ours = loha.delta_weight(tensors, torch.empty(shape)) * alpha_scale(6, loha.rank(tensors))
     with torch.no_grad():
         theirs = peft_layer.get_delta_weight("default")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -77,7 +77,7 @@ def test_lora_delta_matches_formula(shape, tucker):
     torch.manual_seed(0)
     tensors = lora.init_params(shape, 4, use_tucker=tucker, scheme="random")
     assert ("lora_mid.weight" in tensors) == (tucker and len(shape) > 2 and shape[2] > 1)
-    ours = lora.delta_weight(tensors, shape) * alpha_scale(2.0, 4)
+    ours = lora.delta_weight(tensors, torch.empty(shape)) * alpha_scale(2.0, 4)
     torch.testing.assert_close(ours.double(), lora_delta(tensors, shape, alpha=2.0), rtol=1e-5, atol=1e-6)
 
 
@@ -85,7 +85,7 @@ def test_lora_delta_matches_formula(shape, tucker):
 @pytest.mark.parametrize("scheme", ["lycoris", "peft"])
 def test_fresh_adapters_have_zero_delta(algorithm, scheme):
     tensors = algorithm.init_params((12, 8, 3, 3), 4, scheme=scheme)
-    assert torch.count_nonzero(algorithm.delta_weight(tensors, (12, 8, 3, 3))) == 0
+    assert torch.count_nonzero(algorithm.delta_weight(tensors, torch.empty(12, 8, 3, 3))) == 0
     assert all(torch.count_nonzero(t) > 0 for n, t in tensors.items() if n not in ("hada_w2_a", "hada_w2_b", "lora_up.weight"))
 
 

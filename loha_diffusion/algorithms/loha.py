@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .common import khatri_rao_pair, tucker_down
+from .common import alpha_scale, khatri_rao_pair, tucker_down
 
 NAME = "loha"
 REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -19,6 +19,10 @@ OPTIONAL = ("hada_t1", "hada_t2")
 
 def detect(params) -> bool:
     return "hada_w1_a" in params
+
+
+def scale(params, alpha) -> float:
+    return alpha_scale(alpha, rank(params))
 
 
 def rank(params) -> int:
@@ -60,11 +64,11 @@ class HadamardOfProducts(torch.autograd.Function):
         return g1 @ d1.t(), u1.t() @ g1, g2 @ d2.t(), u2.t() @ g2
 
 
-def delta_weight(params, shape, legacy_tucker: bool = False) -> torch.Tensor:
-    """Unscaled fp32 dW reshaped to the target weight ``shape``."""
+def delta_weight(params, weight, legacy_tucker: bool = False) -> torch.Tensor:
+    """Unscaled fp32 dW shaped like the target ``weight`` (only its shape is used)."""
     u1, d1 = _half(params, 1, legacy_tucker)
     u2, d2 = _half(params, 2, legacy_tucker)
-    return HadamardOfProducts.apply(u1, d1, u2, d2).reshape(shape)
+    return HadamardOfProducts.apply(u1, d1, u2, d2).reshape(weight.shape)
 
 
 def low_rank_factors(params, legacy_tucker: bool = False):

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .common import tucker_down
+from .common import alpha_scale, tucker_down
 
 NAME = "lora"
 REQUIRED = ("lora_down.weight", "lora_up.weight")
@@ -18,6 +18,10 @@ OPTIONAL = ("lora_mid.weight",)
 
 def detect(params) -> bool:
     return "lora_down.weight" in params
+
+
+def scale(params, alpha) -> float:
+    return alpha_scale(alpha, rank(params))
 
 
 def rank(params) -> int:
@@ -32,9 +36,10 @@ def low_rank_factors(params, **_):
     return up, down.flatten(1)
 
 
-def delta_weight(params, shape, **_) -> torch.Tensor:
+def delta_weight(params, weight, **_) -> torch.Tensor:
+    """Unscaled fp32 dW shaped like the target ``weight`` (only its shape is used)."""
     up, down = low_rank_factors(params)
-    return (up @ down).reshape(shape)
+    return (up @ down).reshape(weight.shape)
 
 
 def thin_rank(params) -> int:
