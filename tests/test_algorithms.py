@@ -97,3 +97,20 @@ def test_alpha_rules():
     assert as_float_scalar(torch.tensor(3, dtype=torch.int64)) == 3.0
     with pytest.raises(ValueError, match="one number"):
         as_float_scalar(torch.ones(2))
+
+
+@pytest.mark.parametrize("algorithm", [loha, lora])
+@pytest.mark.parametrize("tucker", [False, True])
+def test_check_shapes_accepts_fitting_and_names_misfits(algorithm, tucker):
+    tensors = algorithm.init_params((10, 6, 3, 3), 4, use_tucker=tucker)
+    assert algorithm.check_shapes(tensors, (10, 6, 3, 3)) is None
+    error = algorithm.check_shapes(tensors, (10, 5, 3, 3))
+    assert "(10, 54)" in error and "(10, 45)" in error
+
+
+def test_sd2_style_4d_lora_fits_a_linear_layer():
+    # sd-scripts writes SD2 proj_in/proj_out as 1x1 conv tensors even where diffusers has Linear
+    tensors = lora.init_params((10, 6, 1, 1), 4, scheme="random")
+    assert lora.check_shapes(tensors, (10, 6)) is None
+    torch.testing.assert_close(lora.delta_weight(tensors, torch.empty(10, 6)).double(),
+                               lora_delta(tensors, (10, 6)))

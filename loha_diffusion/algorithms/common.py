@@ -7,6 +7,8 @@ thin path ``x -> down -> up`` without knowing which algorithm it holds.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -49,3 +51,19 @@ def khatri_rao_pair(up1, down1, up2, down2):
     up = (up1.unsqueeze(2) * up2.unsqueeze(1)).flatten(1)
     down = (down1.unsqueeze(1) * down2.unsqueeze(0)).flatten(0, 1)
     return up, down
+
+
+def pair_shape_error(out_dim: int, up_rank: int, down_rank: int, flat_in: int, weight_shape) -> str | None:
+    """Why a low-rank pair (out_dim x up_rank) @ (down_rank x flat_in) does not fit ``weight_shape``."""
+    expected_in = math.prod(weight_shape[1:])
+    if up_rank != down_rank:
+        return f"inner ranks differ ({up_rank} vs {down_rank})"
+    if out_dim != weight_shape[0] or flat_in != expected_in:
+        return (f"the factors make a ({out_dim}, {flat_in}) delta but the layer weight {tuple(weight_shape)} "
+                f"needs ({weight_shape[0]}, {expected_in})")
+    return None
+
+
+def tucker_flat_in(core_shape, down_shape) -> tuple[int, int]:
+    """(core rank, in*k...) of a Tucker core (r, r', k...) folded into down (r', in[, 1, 1])."""
+    return core_shape[0], math.prod(down_shape[1:]) * math.prod(core_shape[2:])

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .common import alpha_scale, khatri_rao_pair, tucker_down
+from .common import alpha_scale, khatri_rao_pair, pair_shape_error, tucker_down, tucker_flat_in
 
 NAME = "loha"
 REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -42,6 +42,22 @@ def _half(params, index: int, legacy_tucker: bool = False):
     # LyCORIS <= 1.9 trained Tucker files with t1 in both halves (formats.md edge case 11).
     core = params["hada_t1" if legacy_tucker else f"hada_t{index}"].float()
     return w_a.t(), tucker_down(core, w_b)
+
+
+def check_shapes(params, weight_shape) -> str | None:
+    """None if the tensors make a delta of ``weight_shape``, else why not."""
+    for i in (1, 2):
+        w_a, w_b = params[f"hada_w{i}_a"].shape, params[f"hada_w{i}_b"].shape
+        if is_tucker(params):
+            core = params[f"hada_t{i}"].shape
+            rank_a, flat_in = tucker_flat_in(core, w_b)
+            error = pair_shape_error(w_a[1], w_a[0], rank_a, flat_in, weight_shape) or (
+                None if core[1] == w_b[0] else f"hada_t{i} {tuple(core)} does not fit hada_w{i}_b {tuple(w_b)}")
+        else:
+            error = pair_shape_error(w_a[0], w_a[1], w_b[0], math.prod(w_b[1:]), weight_shape)
+        if error:
+            return f"LoHa half {i}: {error}"
+    return None
 
 
 class HadamardOfProducts(torch.autograd.Function):

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .common import alpha_scale, tucker_down
+from .common import alpha_scale, pair_shape_error, tucker_down, tucker_flat_in
 
 NAME = "lora"
 REQUIRED = ("lora_down.weight", "lora_up.weight")
@@ -26,6 +26,20 @@ def scale(params, alpha) -> float:
 
 def rank(params) -> int:
     return params["lora_down.weight"].shape[0]
+
+
+def check_shapes(params, weight_shape) -> str | None:
+    """None if the tensors make a delta of ``weight_shape``, else why not."""
+    up, down = params["lora_up.weight"].shape, params["lora_down.weight"].shape
+    if "lora_mid.weight" in params:
+        mid = params["lora_mid.weight"].shape
+        if mid[1] != down[0]:
+            return f"lora_mid {tuple(mid)} does not fit lora_down {tuple(down)}"
+        rank_down, flat_in = tucker_flat_in(mid, down)
+    else:
+        rank_down, flat_in = down[0], math.prod(down[1:])
+    error = pair_shape_error(up[0], math.prod(up[1:]), rank_down, flat_in, weight_shape)
+    return None if error is None else f"LoRA: {error}"
 
 
 def low_rank_factors(params, **_):
