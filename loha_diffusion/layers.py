@@ -19,19 +19,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algorithms import get_algorithm
+from .algorithms.dora import apply_dora
 
+# Layers an adapter can be trained on, and the wider set community files patch (``full`` diffs
+# on token embeddings, ``norm`` on LayerNorm/GroupNorm).
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LOADABLE_LAYERS = (*SUPPORTED_LAYERS, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 
 
 class AdapterWeights(nn.Module):
     """One adapter on one layer: its tensors under their community names, plus ``alpha``.
 
     ``lora_down.weight`` is stored as a parameter ``weight`` of a child ``lora_down`` so that
-    ``named_parameters()`` yields exactly the names found in Kohya/LyCORIS files.
+    ``named_parameters()`` yields exactly the names found in Kohya/LyCORIS files. A DoRA
+    magnitude (``dora_scale``) is kept beside the algorithm's tensors.
     """
 
     def __init__(self, algorithm: str, tensors: dict[str, torch.Tensor], alpha: float | None,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0, legacy_tucker: bool = False):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, legacy_tucker: bool = False,
+                 dora_scale: torch.Tensor | None = None, dora_semantics: str = "lycoris"):
         super().__init__()
         self.algorithm = get_algorithm(algorithm)
         self.tensor_names = tuple(tensors)
@@ -44,39 +50,63 @@ class AdapterWeights(nn.Module):
                 holder = getattr(self, owner)
             holder.register_parameter(leaf, nn.Parameter(tensor))
         rank = self.algorithm.rank(tensors)
-        # A missing alpha is stored as alpha = rank: same scale (1), and every file we write
-        # then carries one alpha per module as consumers expect.
-        self.register_buffer("alpha", torch.tensor(float(rank if alpha is None else alpha)))
-        self.scale = self.algorithm.scale(tensors, float(self.alpha))
+        if rank is not None and alpha is None:
+            # A missing alpha is stored as alpha = rank: the same scale (1), and every file we
+            # write then carries one alpha per module as consumers expect.
+            alpha = rank
+        self.register_buffer("alpha", None if alpha is None else torch.tensor(float(alpha)))
+        self.dora_scale = None if dora_scale is None else nn.Parameter(dora_scale)
+        if dora_semantics not in ("lycoris", "comfyui"):
+            raise ValueError(f"dora_semantics must be 'lycoris' or 'comfyui', got {dora_semantics!r}")
+        self.dora_semantics = dora_semantics
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.legacy_tucker = legacy_tucker
+        self.refresh_scale()
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_scale())
 
     def refresh_scale(self) -> None:
-        self.scale = self.algorithm.scale(self.params, float(self.alpha))
+        self.scale = self.algorithm.scale(self.params, None if self.alpha is None else float(self.alpha))
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
         return {name: self.get_parameter(name) for name in self.tensor_names}
 
     @property
-    def rank(self) -> int:
+    def rank(self) -> int | None:
         return self.algorithm.rank(self.params)
 
     @property
     def is_materialized(self) -> bool:
         return not any(p.is_meta for p in self.parameters())
 
+    @property
+    def supports_thin_path(self) -> bool:
+        """Exact low-rank factors exist and nothing depends on the base weight's values."""
+        return hasattr(self.algorithm, "low_rank_factors") and self.dora_scale is None
+
     def versions(self) -> tuple:
-        return tuple(p._version for p in self.parameters()) + (self.alpha._version,)
+        return tuple(t._version for t in (*self.parameters(), *self.buffers()))
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Unscaled fp32 dW for the base ``weight``."""
         return self.algorithm.delta_weight(self.params, weight, legacy_tucker=self.legacy_tucker)
 
+    def delta_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        delta_bias = getattr(self.algorithm, "delta_bias", None)
+        return None if delta_bias is None else delta_bias(self.params, bias)
+
     def low_rank_factors(self):
         return self.algorithm.low_rank_factors(self.params, legacy_tucker=self.legacy_tucker)
+
+    def tensors_for_file(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under their community names (alpha and dora_scale included)."""
+        tensors = {name: p.detach() for name, p in self.params.items()}
+        if self.alpha is not None:
+            tensors["alpha"] = self.alpha.detach()
+        if self.dora_scale is not None:
+            tensors["dora_scale"] = self.dora_scale.detach()
+        return tensors
 
 
 def _kernel_size(base: nn.Module) -> tuple[int, ...]:
@@ -87,10 +117,11 @@ class AdapterLayer(nn.Module):
     """Wraps a supported layer; ``base_layer`` is the original module object, untouched."""
 
     def __init__(self, base_layer: nn.Module):
-        if not isinstance(base_layer, SUPPORTED_LAYERS):
+        if not isinstance(base_layer, LOADABLE_LAYERS) or getattr(base_layer, "weight", None) is None:
             raise TypeError(
                 f"cannot put an adapter on {type(base_layer).__name__}: supported layers are "
-                "nn.Linear, nn.Conv1d and nn.Conv2d (and their subclasses)")
+                "nn.Linear, nn.Conv1d and nn.Conv2d (and their subclasses); files may also patch "
+                "nn.LayerNorm / nn.GroupNorm with affine weights and nn.Embedding")
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
@@ -99,8 +130,9 @@ class AdapterLayer(nn.Module):
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._weight_backup: torch.Tensor | None = None
+        self._bias_backup: torch.Tensor | None = None
         self._cache_key = None
-        self._cached_weight: torch.Tensor | None = None
+        self._cached_params = None
 
     # -- the base layer's surface, so code that reads ``layer.weight`` keeps working -------
     @property
@@ -155,14 +187,18 @@ class AdapterLayer(nn.Module):
 
     def _invalidate(self) -> None:
         self._cache_key = None
-        self._cached_weight = None
+        self._cached_params = None
 
     # -- math ------------------------------------------------------------------------------
     def _scaled_delta(self, adapter: AdapterWeights, strength: float, training: bool) -> torch.Tensor:
-        delta = adapter.delta_weight(self.base_layer.weight)
+        weight = self.base_layer.weight
+        delta = adapter.delta_weight(weight)
         if training and adapter.rank_dropout > 0:
             delta = delta * self._row_mask(adapter, delta).view(-1, *(1,) * (delta.dim() - 1))
-        return delta * (adapter.scale * strength)
+        delta = delta * adapter.scale
+        if adapter.dora_scale is not None:
+            return apply_dora(weight.float(), delta, adapter.dora_scale.float(), strength, adapter.dora_semantics)
+        return delta * strength
 
     @staticmethod
     def _row_mask(adapter: AdapterWeights, like: torch.Tensor) -> torch.Tensor:
@@ -172,26 +208,54 @@ class AdapterLayer(nn.Module):
         return keep / keep.mean().clamp_min(1.0 / like.shape[0])
 
     def merged_delta(self, names, training: bool = False) -> torch.Tensor | None:
-        """fp32 sum of strength * scale * dW over ``names``."""
+        """fp32 sum of the weight changes of ``names`` (strengths and scales applied)."""
         total = None
         for name in names:
             delta = self._scaled_delta(self.adapters[name], self.strengths[name], training)
             total = delta if total is None else total + delta
         return total
 
+    def merged_bias_delta(self, names) -> torch.Tensor | None:
+        total = None
+        for name in names:
+            delta = self.adapters[name].delta_bias(self.base_layer.bias)
+            if delta is not None:
+                delta = delta.float() * self.strengths[name]
+                total = delta if total is None else total + delta
+        return total
+
     def _run_base(self, x, weight, bias):
         base = self.base_layer
         if isinstance(base, nn.Linear):
             return F.linear(x, weight, bias)
-        return base._conv_forward(x, weight, bias)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            return base._conv_forward(x, weight, bias)
+        if isinstance(base, nn.LayerNorm):
+            return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, weight, bias, base.eps)
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
 
-    def _effective_weight(self, names, training: bool) -> torch.Tensor:
-        weight = self.base_layer.weight
-        delta = self.merged_delta(names, training)
-        if weight.dtype == torch.float32:
-            return weight + delta
+    @staticmethod
+    def _add_rounded_once(base: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor | None:
+        if delta is None:
+            return base
+        if base is None:
+            return delta
+        if base.dtype == torch.float32:
+            return base + delta
         # Sum in fp32 and round once, so a half-precision layer sees one rounding, not two.
-        return (weight.float() + delta).to(weight.dtype)
+        return (base.float() + delta).to(base.dtype)
+
+    def _effective_params(self, names, training: bool):
+        """(weight, bias) with the adapters ``names`` applied."""
+        weight = self._add_rounded_once(self.base_layer.weight, self.merged_delta(names, training))
+        bias = self.base_layer.bias
+        bias_delta = self.merged_bias_delta(names)
+        if bias_delta is not None:
+            bias = self._add_rounded_once(bias, bias_delta.to(weight.dtype) if bias is None else bias_delta)
+        return weight, bias
 
     def _thin_output(self, x, names, training: bool):
         base = self.base_layer
@@ -217,7 +281,10 @@ class AdapterLayer(nn.Module):
     def _prefers_thin_path(self, x, names, needs_grad: bool) -> bool:
         """Compare multiply-adds of the two exact ways to apply the adapters to ``x``."""
         base = self.base_layer
-        if not isinstance(base, nn.Linear) and base.groups != 1:
+        if not isinstance(base, SUPPORTED_LAYERS) or (not isinstance(base, nn.Linear) and base.groups != 1):
+            return False
+        if not all(self.adapters[n].supports_thin_path and self.adapters[n].delta_bias(base.bias) is None
+                   for n in names):
             return False
         weight = base.weight
         n_out = weight.shape[0]
@@ -266,49 +333,65 @@ class AdapterLayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for n in names for p in self.adapters[n].parameters())
         if not needs_grad and not stochastic:
-            return self._run_base(x, self._cached_effective_weight(names), self.base_layer.bias)
+            return self._run_base(x, *self._cached_effective_params(names))
         if self._prefers_thin_path(x, names, needs_grad):
             y = self.base_layer(x, *args, **kwargs)
             return y + self._thin_output(x, names, self.training).to(y.dtype)
-        return self._run_base(x, self._effective_weight(names, self.training), self.base_layer.bias)
+        return self._run_base(x, *self._effective_params(names, self.training))
 
-    def _cached_effective_weight(self, names) -> torch.Tensor:
-        weight = self.base_layer.weight
+    def _cached_effective_params(self, names):
+        weight, bias = self.base_layer.weight, self.base_layer.bias
         key = (tuple((n, self.strengths[n], self.adapters[n].scale, self.adapters[n].versions()) for n in names),
-               weight._version, weight.data_ptr(), weight.dtype, weight.device)
+               weight._version, weight.data_ptr(), weight.dtype, weight.device,
+               None if bias is None else (bias._version, bias.data_ptr()))
         if key != self._cache_key:
             with torch.no_grad():
-                self._cached_weight = self._effective_weight(names, training=False)
+                self._cached_params = self._effective_params(names, training=False)
             self._cache_key = key
-        return self._cached_weight
+        return self._cached_params
 
     # -- merge / unmerge ---------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names=None) -> None:
-        """Add the adapters' deltas to the base weight once; keep a backup for an exact unmerge."""
+        """Add the adapters' changes to the base weights once; keep a backup for an exact unmerge."""
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.adapters and n not in self.merged_adapters]
         if not names:
             return
-        weight = self.base_layer.weight
-        if self._weight_backup is None:
-            self._weight_backup = weight.detach().to("cpu", copy=True)
-        merged = self._effective_weight(names, training=False)
-        if not torch.isfinite(merged).all():
+        base = self.base_layer
+        weight, bias = self._effective_params(names, training=False)
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise ValueError(
                 f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
                 "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
-        weight.copy_(merged)
+        if bias is not None and base.bias is None:
+            raise ValueError(f"adapters {names} add a bias to a layer that has none; they cannot be fused, "
+                             "use them unfused")
+        if self._weight_backup is None:
+            # Kept on the CPU, as A1111 and ComfyUI do, so fusing costs no accelerator memory.
+            self._weight_backup = base.weight.detach().to("cpu", copy=True)
+            self._bias_backup = None if base.bias is None else base.bias.detach().to("cpu", copy=True)
+        base.weight.copy_(weight)
+        if bias is not None:
+            base.bias.copy_(bias)
         self.merged_adapters.extend(names)
         self._invalidate()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight bit-exactly from the backup taken at the first merge."""
+        """Restore the base weights bit-exactly from the backup taken at the first merge."""
         if self._weight_backup is None:
             return
         self.base_layer.weight.copy_(self._weight_backup)
-        self._weight_backup = None
+        if self._bias_backup is not None:
+            self.base_layer.bias.copy_(self._bias_backup)
+        self._weight_backup = self._bias_backup = None
+        self.merged_adapters = []
+        self._invalidate()
+
+    def drop_backup(self) -> None:
+        """Make the current (fused) weights the new base: unmerge will no longer undo the fuse."""
+        self._weight_backup = self._bias_backup = None
         self.merged_adapters = []
         self._invalidate()
 
@@ -322,7 +405,8 @@ class AdapterLayer(nn.Module):
             self.adapters_enabled = previous
 
     def extra_repr(self) -> str:
-        parts = [f"{n}: {a.algorithm.NAME} r={a.rank} alpha={float(a.alpha):g} strength={self.strengths[n]:g}"
+        parts = [f"{n}: {a.algorithm.NAME} r={a.rank} alpha={None if a.alpha is None else float(a.alpha)} "
+                 f"strength={self.strengths[n]:g}"
                  for n, a in self.adapters.items()]
         return "adapters={" + ", ".join(parts) + "}, active=" + str(self.active_adapters)
 

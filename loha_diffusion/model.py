@@ -91,7 +91,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     for path, layer in list(adapter_layers(model)):
         if merge:
             layer.merge()
-            layer._weight_backup = None
+            layer.drop_backup()
         else:
             layer.unmerge()
         _set_submodule(model, path, layer.base_layer)

@@ -40,3 +40,47 @@ def apply_layer(layer, x, weight):
     if isinstance(layer, torch.nn.Linear):
         return torch.nn.functional.linear(x, weight, layer.bias)
     return layer._conv_forward(x, weight, layer.bias)
+
+
+def lokr_delta(t: dict, shape, alpha=None):
+    """scale * kron(w1, w2) (formats.md 2.3), with torch.kron; scale 1 if both halves are full."""
+    w1 = t["lokr_w1"].double() if "lokr_w1" in t else t["lokr_w1_a"].double() @ t["lokr_w1_b"].double()
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"].double()
+    elif "lokr_t2" in t:
+        w2 = tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"].flatten(1))
+    else:
+        w2 = t["lokr_w2_a"].double() @ t["lokr_w2_b"].double().flatten(1)
+    w2 = w2.reshape(w2.shape[0], -1, *shape[2:]).contiguous()  # torch.kron needs contiguous factors
+    for _ in shape[2:]:
+        w1 = w1.unsqueeze(-1)
+    r = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
+    scale = 1.0 if alpha is None or r is None else alpha / r
+    return (torch.kron(w1, w2) * scale).reshape(shape)
+
+
+def ia3_delta(weight, w, on_input: bool):
+    """dW = W * w per output row (or per input column), so that W' = W * (1 + m*w) (formats.md 2.5)."""
+    w = w.double().flatten()
+    weight = weight.double()
+    if on_input:
+        return torch.stack([weight[:, i] * w[i] for i in range(weight.shape[1])], dim=1)
+    return torch.stack([weight[o] * w[o] for o in range(weight.shape[0])], dim=0)
+
+
+def dora_merged(weight, scaled_delta, dora_scale, m, output_axis: bool, semantics: str):
+    """W' of formats.md 2.6, with plain loops over the axis; eps as LyCORIS (fp32 machine eps)."""
+    weight, v = weight.double(), weight.double() + scaled_delta.double()
+    eps = torch.finfo(torch.float32).eps
+    mag = dora_scale.double().flatten()
+    out = torch.empty_like(v)
+    if output_axis:
+        for o in range(v.shape[0]):
+            s = mag[o] / (v[o].pow(2).sum().sqrt() + eps)
+            out[o] = v[o] * (m * (s - 1) + 1) if semantics == "lycoris" else weight[o] + m * (v[o] * s - weight[o])
+    else:
+        for i in range(v.shape[1]):
+            s = mag[i] / (v[:, i].pow(2).sum().sqrt() + eps)
+            w, col = weight[:, i], v[:, i]
+            out[:, i] = col * (m * (s - 1) + 1) if semantics == "lycoris" else w + m * (col * s - w)
+    return out

@@ -173,4 +173,6 @@ def test_rank_dropout_masks_rows_and_keeps_expectation():
 
 def test_unsupported_layer_is_refused():
     with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d and nn.Conv2d"):
-        AdapterLayer(nn.Embedding(10, 4))
+        AdapterLayer(nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="affine weights"):
+        AdapterLayer(nn.LayerNorm(8, elementwise_affine=False))

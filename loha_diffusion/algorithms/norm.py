@@ -1,0 +1,50 @@
+"""Norm (LyCORIS ``norm``, ``train_norm``): additive changes to a LayerNorm / GroupNorm's affine
+parameters, formats.md section 2.8: weight' = weight + m*w_norm, bias' = bias + m*b_norm.
+
+Tensors: ``w_norm`` (C,) and optional ``b_norm`` (C,). ComfyUI accepts ``w_norm`` alone;
+AUTOMATIC1111 wants both. No rank and no alpha: scale 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NAME = "norm"
+REQUIRED = ("w_norm",)
+OPTIONAL = ("b_norm",)
+
+
+def detect(params) -> bool:
+    return "w_norm" in params
+
+
+def rank(params) -> None:
+    return None
+
+
+def scale(params, alpha) -> float:
+    return 1.0
+
+
+def delta_weight(params, weight, **_) -> torch.Tensor:
+    """``w_norm`` as a new fp32 tensor shaped like the norm's ``weight``."""
+    return params["w_norm"].to(torch.float32, copy=True).reshape(weight.shape)
+
+
+def delta_bias(params, bias) -> torch.Tensor | None:
+    """``b_norm`` as a new fp32 tensor shaped like ``bias`` (1-D when the norm has no bias)."""
+    if "b_norm" not in params:
+        return None
+    delta = params["b_norm"].to(torch.float32, copy=True)
+    return delta.reshape(bias.shape) if bias is not None else delta.flatten()
+
+
+def check_shapes(params, weight_shape) -> str | None:
+    """None if ``w_norm`` (and ``b_norm``) hold one value per element of the norm's weight."""
+    weight_shape = tuple(weight_shape)
+    for name in ("w_norm", "b_norm"):
+        if name in params and math.prod(params[name].shape) != math.prod(weight_shape):
+            return (f"norm {name} has shape {tuple(params[name].shape)} but the normalisation layer's "
+                    f"weight is {weight_shape}")
+    return None
