@@ -48,7 +48,10 @@ class AdapterWeights(nn.Module):
                 if not hasattr(self, owner):
                     self.add_module(owner, nn.Module())
                 holder = getattr(self, owner)
-            holder.register_parameter(leaf, nn.Parameter(tensor))
+            if tensor.is_floating_point():
+                holder.register_parameter(leaf, nn.Parameter(tensor))
+            else:  # flags such as IA3's ``on_input`` are data, not trainable
+                holder.register_buffer(leaf, tensor)
         rank = self.algorithm.rank(tensors)
         if rank is not None and alpha is None:
             # A missing alpha is stored as alpha = rank: the same scale (1), and every file we
@@ -70,7 +73,9 @@ class AdapterWeights(nn.Module):
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
-        return {name: self.get_parameter(name) for name in self.tensor_names}
+        owners = {name: name.rpartition(".") for name in self.tensor_names}
+        return {name: getattr(self.get_submodule(owner) if owner else self, leaf)
+                for name, (owner, _, leaf) in owners.items()}
 
     @property
     def rank(self) -> int | None:

@@ -176,3 +176,80 @@ def test_unsupported_layer_is_refused():
         AdapterLayer(nn.MultiheadAttention(8, 2))
     with pytest.raises(TypeError, match="affine weights"):
         AdapterLayer(nn.LayerNorm(8, elementwise_affine=False))
+
+
+# -- algorithms that depend on the base weight or change the bias ------------------------------
+def test_full_diff_changes_weight_and_bias():
+    layer = make_layer("linear")
+    torch.manual_seed(3)
+    diff, diff_b = torch.randn_like(layer.weight), torch.randn_like(layer.bias)
+    wrapped = AdapterLayer(layer)
+    wrapped.add_adapter("a", AdapterWeights("full", {"diff": diff, "diff_b": diff_b}, None), strength=0.5)
+    x = make_input("linear")
+    expected = torch.nn.functional.linear(x.double(), (layer.weight + 0.5 * diff).double(),
+                                          (layer.bias + 0.5 * diff_b).double())
+    for training in (True, False):
+        wrapped.train(training)
+        close(wrapped(x), expected)
+    before = (layer.weight.clone(), layer.bias.clone())
+    wrapped.merge()
+    close(layer.bias, (before[1] + 0.5 * diff_b).double())
+    wrapped.unmerge()
+    assert torch.equal(layer.weight, before[0]) and torch.equal(layer.bias, before[1])
+
+
+def test_norm_adapter_on_group_norm():
+    norm = nn.GroupNorm(4, 8)
+    torch.manual_seed(4)
+    w_norm, b_norm = torch.randn(8), torch.randn(8)
+    wrapped = AdapterLayer(norm)
+    wrapped.add_adapter("a", AdapterWeights("norm", {"w_norm": w_norm, "b_norm": b_norm}, None))
+    x = torch.randn(2, 8, 5, 5)
+    expected = torch.nn.functional.group_norm(x.double(), 4, (norm.weight + w_norm).double(), (norm.bias + b_norm).double(), norm.eps)
+    close(wrapped(x), expected)
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_ia3_scales_rows_or_columns(on_input):
+    from formulas import ia3_delta
+    layer = make_layer("linear")
+    torch.manual_seed(5)
+    w = torch.randn(24 if on_input else 20)
+    wrapped = AdapterLayer(layer)
+    wrapped.add_adapter("a", AdapterWeights("ia3", {"weight": w, "on_input": torch.tensor(int(on_input))}, None),
+                        strength=0.7)
+    x = make_input("linear")
+    weight = layer.weight.double() + 0.7 * ia3_delta(layer.weight.double(), w.double(), on_input)
+    close(wrapped(x), torch.nn.functional.linear(x.double(), weight, layer.bias.double()))
+
+
+@pytest.mark.parametrize("semantics", ["lycoris", "comfyui"])
+@pytest.mark.parametrize("output_axis", [True, False])
+def test_dora_loha_in_the_layer(semantics, output_axis):
+    from formulas import dora_merged
+    layer = make_layer("conv2d")
+    torch.manual_seed(6)
+    tensors = loha.init_params(layer.weight.shape, 4, scheme="random")
+    shape = (10, 1, 1, 1) if output_axis else (1, 6, 1, 1)
+    dora_scale = torch.rand(shape) + 0.5
+    wrapped = AdapterLayer(layer)
+    wrapped.add_adapter("a", AdapterWeights("loha", tensors, 2.0, dora_scale=dora_scale, dora_semantics=semantics),
+                        strength=0.5)
+    x = make_input("conv2d")
+    scaled = loha_delta(tensors, layer.weight.shape, alpha=2.0)
+    weight = dora_merged(layer.weight.double(), scaled, dora_scale.double(), 0.5, output_axis, semantics)
+    for training in (True, False):
+        wrapped.train(training)
+        close(wrapped(x), apply_layer(copy.deepcopy(layer).double(), x.double(), weight))
+
+
+def test_lokr_runs_merged_and_matches_formula():
+    from formulas import lokr_delta
+    from loha_diffusion.algorithms import lokr
+    layer = make_layer("conv2d")
+    tensors = lokr.init_params(layer.weight.shape, 4, scheme="random", decompose_both=True)
+    wrapped = AdapterLayer(layer)
+    wrapped.add_adapter("a", AdapterWeights("lokr", tensors, 3.0))
+    x = make_input("conv2d")
+    weight = layer.weight.double() + lokr_delta(tensors, layer.weight.shape, alpha=3.0)
+    close(wrapped(x), apply_layer(copy.deepcopy(layer).double(), x.double(), weight))
