@@ -19,7 +19,7 @@ def adapter_layers(model: nn.Module):
             yield path, module
 
 
-def _logical_modules(model: nn.Module):
+def logical_modules(model: nn.Module):
     """(path, module) for every module, with an AdapterLayer standing for the layer it wraps."""
     skip = None
     for path, module in model.named_modules():
@@ -36,7 +36,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _describe_targets(model: nn.Module) -> str:
-    names = sorted({path.rsplit(".", 1)[-1] for path, m in _logical_modules(model)
+    names = sorted({path.rsplit(".", 1)[-1] for path, m in logical_modules(model)
                     if path and isinstance(m, (AdapterLayer, *SUPPORTED_LAYERS))})
     shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
     return f"Linear/Conv layer names in {type(model).__name__}: {shown}"
@@ -49,7 +49,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     """
     algorithm = get_algorithm(config.algorithm)
     targets = []
-    for path, module in _logical_modules(model):
+    for path, module in logical_modules(model):
         if not path or not config.matches(path):
             continue
         if isinstance(module, AdapterLayer):
