@@ -2,8 +2,25 @@
 from .config import AdapterConfig, LoHaConfig, LoRAConfig
 from .layers import AdapterLayer, AdapterWeights
 from .model import LoHaModel, inject_adapter, remove_adapters
+from .pipeline import (
+    delete_loha_adapters,
+    disable_loha,
+    enable_loha,
+    fuse_loha,
+    get_loha_adapters,
+    install_pipeline_methods,
+    load_loha_weights,
+    save_loha_weights,
+    set_loha_adapters,
+    unfuse_loha,
+    unload_loha_weights,
+)
+
+install_pipeline_methods()
 
 __version__ = "0.1.0"
 
 __all__ = ["AdapterConfig", "AdapterLayer", "AdapterWeights", "LoHaConfig", "LoHaModel", "LoRAConfig",
-           "inject_adapter", "remove_adapters"]
+           "delete_loha_adapters", "disable_loha", "enable_loha", "fuse_loha", "get_loha_adapters",
+           "inject_adapter", "load_loha_weights", "remove_adapters", "save_loha_weights", "set_loha_adapters",
+           "unfuse_loha", "unload_loha_weights"]

@@ -37,9 +37,12 @@ class AdapterWeights(nn.Module):
 
     def __init__(self, algorithm: str, tensors: dict[str, torch.Tensor], alpha: float | None,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, legacy_tucker: bool = False,
-                 dora_scale: torch.Tensor | None = None, dora_semantics: str = "lycoris"):
+                 dora_scale: torch.Tensor | None = None, dora_semantics: str = "lycoris",
+                 source_in_channels: int | None = None):
         super().__init__()
-        self.algorithm = get_algorithm(algorithm)
+        get_algorithm(algorithm)  # fail early on an unknown name
+        # the name, not the module object, so that adapters can be deep-copied and pickled
+        self.algorithm_name = algorithm
         self.tensor_names = tuple(tensors)
         for name, tensor in tensors.items():
             owner, _, leaf = name.rpartition(".")
@@ -65,8 +68,15 @@ class AdapterWeights(nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.legacy_tucker = legacy_tucker
+        # A 4-channel conv_in delta on a 9-channel inpainting UNet: the extra input channels get
+        # a zero delta, as A1111 does (formats.md 5, item 20).
+        self.source_in_channels = source_in_channels
         self.refresh_scale()
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_scale())
+
+    @property
+    def algorithm(self):
+        return get_algorithm(self.algorithm_name)
 
     def refresh_scale(self) -> None:
         self.scale = self.algorithm.scale(self.params, None if self.alpha is None else float(self.alpha))
@@ -88,14 +98,19 @@ class AdapterWeights(nn.Module):
     @property
     def supports_thin_path(self) -> bool:
         """Exact low-rank factors exist and nothing depends on the base weight's values."""
-        return hasattr(self.algorithm, "low_rank_factors") and self.dora_scale is None
+        return (hasattr(self.algorithm, "low_rank_factors") and self.dora_scale is None
+                and self.source_in_channels is None)
 
     def versions(self) -> tuple:
         return tuple(t._version for t in (*self.parameters(), *self.buffers()))
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Unscaled fp32 dW for the base ``weight``."""
-        return self.algorithm.delta_weight(self.params, weight, legacy_tucker=self.legacy_tucker)
+        if self.source_in_channels is None:
+            return self.algorithm.delta_weight(self.params, weight, legacy_tucker=self.legacy_tucker)
+        narrow = weight[:, : self.source_in_channels]
+        delta = self.algorithm.delta_weight(self.params, narrow, legacy_tucker=self.legacy_tucker)
+        return torch.nn.functional.pad(delta, (0,) * (2 * (weight.dim() - 2)) + (0, weight.shape[1] - delta.shape[1]))
 
     def delta_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         delta_bias = getattr(self.algorithm, "delta_bias", None)
@@ -212,20 +227,20 @@ class AdapterLayer(nn.Module):
         keep = (torch.rand(like.shape[0], device=like.device) >= adapter.rank_dropout).to(like.dtype)
         return keep / keep.mean().clamp_min(1.0 / like.shape[0])
 
-    def merged_delta(self, names, training: bool = False) -> torch.Tensor | None:
+    def merged_delta(self, names, training: bool = False, strength_scale: float = 1.0) -> torch.Tensor | None:
         """fp32 sum of the weight changes of ``names`` (strengths and scales applied)."""
         total = None
         for name in names:
-            delta = self._scaled_delta(self.adapters[name], self.strengths[name], training)
+            delta = self._scaled_delta(self.adapters[name], self.strengths[name] * strength_scale, training)
             total = delta if total is None else total + delta
         return total
 
-    def merged_bias_delta(self, names) -> torch.Tensor | None:
+    def merged_bias_delta(self, names, strength_scale: float = 1.0) -> torch.Tensor | None:
         total = None
         for name in names:
             delta = self.adapters[name].delta_bias(self.base_layer.bias)
             if delta is not None:
-                delta = delta.float() * self.strengths[name]
+                delta = delta.float() * (self.strengths[name] * strength_scale)
                 total = delta if total is None else total + delta
         return total
 
@@ -253,11 +268,11 @@ class AdapterLayer(nn.Module):
         # Sum in fp32 and round once, so a half-precision layer sees one rounding, not two.
         return (base.float() + delta).to(base.dtype)
 
-    def _effective_params(self, names, training: bool):
+    def _effective_params(self, names, training: bool, strength_scale: float = 1.0):
         """(weight, bias) with the adapters ``names`` applied."""
-        weight = self._add_rounded_once(self.base_layer.weight, self.merged_delta(names, training))
+        weight = self._add_rounded_once(self.base_layer.weight, self.merged_delta(names, training, strength_scale))
         bias = self.base_layer.bias
-        bias_delta = self.merged_bias_delta(names)
+        bias_delta = self.merged_bias_delta(names, strength_scale)
         if bias_delta is not None:
             bias = self._add_rounded_once(bias, bias_delta.to(weight.dtype) if bias is None else bias_delta)
         return weight, bias
@@ -357,14 +372,19 @@ class AdapterLayer(nn.Module):
 
     # -- merge / unmerge ---------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names=None) -> None:
-        """Add the adapters' changes to the base weights once; keep a backup for an exact unmerge."""
+    def merge(self, names=None, scale: float = 1.0) -> None:
+        """Add the adapters' changes (strength x ``scale``) to the base weights once; keep a
+        backup for an exact unmerge."""
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.adapters and n not in self.merged_adapters]
         if not names:
             return
+        if self.merged_adapters:
+            # IA3 and DoRA read the base weight's values: always merge onto the original.
+            names = self.merged_adapters + names
+            self.unmerge()
         base = self.base_layer
-        weight, bias = self._effective_params(names, training=False)
+        weight, bias = self._effective_params(names, training=False, strength_scale=scale)
         if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise ValueError(
                 f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
@@ -379,7 +399,7 @@ class AdapterLayer(nn.Module):
         base.weight.copy_(weight)
         if bias is not None:
             base.bias.copy_(bias)
-        self.merged_adapters.extend(names)
+        self.merged_adapters = names
         self._invalidate()
 
     @torch.no_grad()

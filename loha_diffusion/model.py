@@ -29,12 +29,6 @@ def logical_modules(model: nn.Module):
         yield path, module
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
-
-
 def _describe_targets(model: nn.Module) -> str:
     names = sorted({path.rsplit(".", 1)[-1] for path, m in logical_modules(model)
                     if path and isinstance(m, (AdapterLayer, *SUPPORTED_LAYERS))})
@@ -80,7 +74,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = 
                                  rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
         layer.add_adapter(adapter_name, adapter)
         if layer is not module:
-            _set_submodule(model, path, layer)
+            model.set_submodule(path, layer)
     for _, layer in adapter_layers(model):
         layer.base_layer.requires_grad_(False)
     return [path for path, _ in targets]
@@ -94,8 +88,13 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.drop_backup()
         else:
             layer.unmerge()
-        _set_submodule(model, path, layer.base_layer)
+        model.set_submodule(path, layer.base_layer)
     return model
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a ``LoHaModel`` (or the module itself)."""
+    return module.model if isinstance(module, LoHaModel) else module
 
 
 class LoHaModel(nn.Module):
@@ -162,7 +161,7 @@ class LoHaModel(nn.Module):
                 layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 layer.unmerge()
-                _set_submodule(self.model, path, layer.base_layer)
+                self.model.set_submodule(path, layer.base_layer)
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
         self.active_adapter = remaining[0] if len(remaining) == 1 else remaining

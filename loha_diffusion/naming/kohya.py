@@ -23,7 +23,7 @@ from typing import NamedTuple
 from torch import nn
 
 from ..layers import AdapterLayer
-from ..model import LoHaModel, logical_modules
+from ..model import logical_modules, unwrap
 from .sgm import SgmPaths, config_value
 
 UNET = "unet"
@@ -119,14 +119,10 @@ def kohya_name(component: str, module_path: str, family: str, unet_config=None) 
     return _kohya_name(component, module_path, family, sgm)
 
 
-def _unwrap(component: nn.Module) -> nn.Module:
-    return component.model if isinstance(component, LoHaModel) else component
-
-
 def targetable_modules(model: nn.Module):
     """(logical path, module) for every layer an adapter can target; a wrapped layer appears
     once, under the wrapper's path, with the wrapper as module."""
-    for path, module in logical_modules(_unwrap(model)):
+    for path, module in logical_modules(unwrap(model)):
         if path and isinstance(module, (AdapterLayer, *TARGETABLE_LAYERS)):
             yield path, module
 
@@ -152,7 +148,7 @@ class KeyTable:
     def __init__(self, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
                  text_encoder_2: nn.Module | None = None):
         given = {UNET: unet, TEXT_ENCODER: text_encoder, TEXT_ENCODER_2: text_encoder_2}
-        self.components = {name: _unwrap(m) for name, m in given.items() if m is not None}
+        self.components = {name: unwrap(m) for name, m in given.items() if m is not None}
         self.modules: dict[Target, nn.Module] = {}
         self._names: dict[str, Target] = {}
         self._canonical: dict[Target, Target] = {}  # text encoder paths in the text_model form

@@ -1,0 +1,236 @@
+"""Pipeline methods: load / set / fuse / unfuse / disable / enable / unload / save adapters.
+
+``import loha_diffusion`` attaches these functions to ``diffusers.DiffusionPipeline`` as
+methods (``pipe.load_loha_weights(...)``); each is also usable as ``fn(pipe, ...)``.
+All state lives in the adapter layers themselves, so several pipelines sharing a UNet see
+the same adapters, as with diffusers' own LoRA loader.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .attach import attach, plan
+from .io import AdapterFileError, check_finite, load_state_dict
+from .layers import AdapterLayer
+from .model import unwrap
+from .naming.kohya import COMPONENTS, UNET, KeyTable
+from .state_dict import group_modules
+
+ADAPTER_SUFFIXES = (".safetensors",)
+
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    found = {name: getattr(pipe, name, None) for name in COMPONENTS}
+    found = {name: module for name, module in found.items() if module is not None}
+    if UNET not in found:
+        raise TypeError(f"{type(pipe).__name__} has no `unet`; LoHa adapters apply to Stable Diffusion "
+                        "pipelines (a UNet and CLIP text encoders)")
+    return found
+
+
+def _layers(pipe, component: str | None = None):
+    for name, module in _components(pipe).items():
+        if component is None or name == component:
+            for path, layer in unwrap(module).named_modules():
+                if isinstance(layer, AdapterLayer):
+                    yield name, path, layer
+
+
+def _find_adapter_file(folder: Path, weight_name: str | None) -> Path:
+    if weight_name is not None:
+        candidate = folder / weight_name
+        if not candidate.is_file():
+            raise AdapterFileError(f"{folder} has no file {weight_name!r}")
+        return candidate
+    files = sorted(p for p in folder.iterdir() if p.suffix in ADAPTER_SUFFIXES)
+    if len(files) != 1:
+        found = ", ".join(p.name for p in files) or "none"
+        raise AdapterFileError(f"{folder}: expected exactly one .safetensors adapter file, found {found}; "
+                               "pass weight_name= to pick one")
+    return files[0]
+
+
+def _fetch(source, weight_name, allow_pickle, hub_kwargs) -> tuple[dict, dict, str]:
+    """(state dict, metadata, description) from a dict, a file, a folder or a hub repository id."""
+    if isinstance(source, Mapping):
+        return dict(source), {}, "the given state dict"
+    path = Path(os.fspath(source))
+    if path.is_dir():
+        path = _find_adapter_file(path, weight_name)
+    elif not path.exists():
+        if str(source).count("/") != 1 or str(source).startswith((".", "/")):
+            raise AdapterFileError(f"{source}: no such file or folder (and not a hub repository id 'owner/name')")
+        from huggingface_hub import hf_hub_download, list_repo_files
+
+        if weight_name is None:
+            files = [f for f in list_repo_files(str(source), **hub_kwargs) if f.endswith(ADAPTER_SUFFIXES)]
+            if len(files) != 1:
+                raise AdapterFileError(f"hub repository {source} holds {len(files)} .safetensors files "
+                                       f"({files[:5]}); pass weight_name= to pick one")
+            weight_name = files[0]
+        path = Path(hf_hub_download(str(source), weight_name, **hub_kwargs))
+    tensors, metadata = load_state_dict(path, allow_pickle=allow_pickle)
+    return tensors, metadata, str(path)
+
+
+def _unique_name(pipe, wanted: str | None, source) -> str:
+    existing = set(get_loha_adapters(pipe, flat=True))
+    if wanted is not None:
+        if wanted in existing:
+            raise ValueError(f"an adapter named {wanted!r} is already loaded; unload it or pick another adapter_name")
+        return wanted
+    stem = Path(os.fspath(source)).stem if not isinstance(source, Mapping) else "default"
+    name, n = stem, 0
+    while name in existing:
+        n += 1
+        name = f"{stem}_{n}"
+    return name
+
+
+def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                      weight_name: str | None = None, *, allow_pickle: bool = False,
+                      allow_unknown_keys: bool = False, dora_semantics: str = "lycoris",
+                      legacy_tucker: bool = False, **hub_kwargs) -> str:
+    """Load a Kohya / LyCORIS adapter file (any algorithm) onto the pipeline; return its name.
+
+    ``dora_semantics`` picks how a strength other than 1 acts on DoRA modules: "lycoris"
+    (strength scales the magnitude change) or "comfyui" (= A1111: strength interpolates the
+    whole weight). ``legacy_tucker`` reproduces LyCORIS <= 1.9 Tucker LoHa files, which were
+    trained with ``hada_t1`` in both halves. Nothing is changed if anything does not fit.
+    """
+    source = pretrained_model_name_or_path_or_dict
+    tensors, metadata, description = _fetch(source, weight_name, allow_pickle, hub_kwargs)
+    check_finite(tensors, description)
+    modules, _ = group_modules(tensors, description, allow_unknown_keys=allow_unknown_keys)
+    table = KeyTable.from_pipeline(pipe)
+    placements = plan(modules, table, description, metadata)
+    name = _unique_name(pipe, adapter_name, source)
+    attach(placements, table, name, dora_semantics=dora_semantics, legacy_tucker=legacy_tucker)
+    return name
+
+
+def get_loha_adapters(pipe, flat: bool = False):
+    """{component: [adapter names]} (or one sorted list with ``flat=True``)."""
+    by_component: dict[str, list[str]] = {}
+    for component, _, layer in _layers(pipe):
+        names = by_component.setdefault(component, [])
+        names.extend(n for n in layer.adapters if n not in names)
+    if flat:
+        return sorted({n for names in by_component.values() for n in names})
+    return by_component
+
+
+def _check_known(pipe, names) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = get_loha_adapters(pipe, flat=True)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter name(s) {unknown}; loaded: {known}")
+    return names
+
+
+def _per_name(values, names, what: str) -> list[float]:
+    if values is None or isinstance(values, (int, float)):
+        return [1.0 if values is None else float(values)] * len(names)
+    values = [float(v) for v in values]
+    if len(values) != len(names):
+        raise ValueError(f"{what} has {len(values)} values for {len(names)} adapters {names}")
+    return values
+
+
+def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=None) -> None:
+    """Make ``adapter_names`` the active adapters, with UNet and text-encoder strengths.
+
+    ``weights`` (a number or one per adapter) sets the UNet strength and, unless
+    ``text_encoder_weights`` is given, the text encoders' too (ComfyUI's strength_model /
+    strength_clip). Adapters not named are deactivated.
+    """
+    names = _check_known(pipe, adapter_names)
+    unet_strengths = _per_name(weights, names, "weights")
+    te_strengths = unet_strengths if text_encoder_weights is None else _per_name(
+        text_encoder_weights, names, "text_encoder_weights")
+    for component, _, layer in _layers(pipe):
+        strengths = unet_strengths if component == UNET else te_strengths
+        for name, strength in zip(names, strengths):
+            if name in layer.adapters:
+                layer.set_strength(name, strength)
+        layer.set_active(names)
+
+
+def fuse_loha(pipe, adapter_names=None, scale: float = 1.0, components=COMPONENTS) -> None:
+    """Add the active (or named) adapters to the weights: deltas in fp32, summed, added once.
+
+    ``scale`` multiplies every strength for this fuse only; ``unfuse_loha`` restores the
+    original weights bit-exactly from a backup, and strengths stay as they were.
+    """
+    names = None if adapter_names is None else _check_known(pipe, adapter_names)
+    for component, _, layer in _layers(pipe):
+        if component in components:
+            layer.merge(names, scale=scale)
+
+
+def unfuse_loha(pipe) -> None:
+    for _, _, layer in _layers(pipe):
+        layer.unmerge()
+
+
+def disable_loha(pipe) -> None:
+    """Run the pipeline without its adapters (fused ones are unfused first)."""
+    for _, _, layer in _layers(pipe):
+        layer.unmerge()
+        layer.adapters_enabled = False
+
+
+def enable_loha(pipe) -> None:
+    for _, _, layer in _layers(pipe):
+        layer.adapters_enabled = True
+
+
+def delete_loha_adapters(pipe, adapter_names) -> None:
+    names = _check_known(pipe, adapter_names)
+    for component, path, layer in list(_layers(pipe)):
+        for name in names:
+            if name in layer.adapters:
+                layer.delete_adapter(name)
+        if not layer.adapters:
+            layer.unmerge()
+            unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+
+
+def unload_loha_weights(pipe) -> None:
+    """Remove every adapter: the original module objects go back, weights bit-exact."""
+    for component, path, layer in list(_layers(pipe)):
+        layer.unmerge()
+        unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+
+
+def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str = "kohya",
+                      save_dtype: torch.dtype | None = None, metadata: dict | None = None):
+    """Write one adapter as a Kohya/LyCORIS file (``format="kohya"``) or a PEFT folder ("peft")."""
+    from .writer import save_adapter
+
+    names = get_loha_adapters(pipe, flat=True)
+    if adapter_name is None:
+        if len(names) != 1:
+            raise ValueError(f"the pipeline has adapters {names}; pass adapter_name= to pick one")
+        adapter_name = names[0]
+    _check_known(pipe, adapter_name)
+    return save_adapter(_components(pipe), adapter_name, path, format=format, save_dtype=save_dtype,
+                        metadata=metadata)
+
+
+PIPELINE_METHODS = {f.__name__: f for f in (
+    load_loha_weights, set_loha_adapters, fuse_loha, unfuse_loha, disable_loha, enable_loha,
+    delete_loha_adapters, unload_loha_weights, get_loha_adapters, save_loha_weights)}
+
+
+def install_pipeline_methods() -> None:
+    """Attach the functions above to every diffusers pipeline class."""
+    from diffusers import DiffusionPipeline
+
+    for name, function in PIPELINE_METHODS.items():
+        setattr(DiffusionPipeline, name, function)
