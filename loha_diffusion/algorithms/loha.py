@@ -33,7 +33,7 @@ def is_tucker(params) -> bool:
     return "hada_t1" in params
 
 
-def _half(params, index: int, legacy_tucker: bool = False):
+def half_factors(params, index: int, legacy_tucker: bool = False):
     """One Hadamard factor as a low-rank pair (up (out, r), down (r, in*k*k))."""
     w_a = params[f"hada_w{index}_a"].float()
     w_b = params[f"hada_w{index}_b"].float()
@@ -82,14 +82,14 @@ class HadamardOfProducts(torch.autograd.Function):
 
 def delta_weight(params, weight, legacy_tucker: bool = False) -> torch.Tensor:
     """Unscaled fp32 dW shaped like the target ``weight`` (only its shape is used)."""
-    u1, d1 = _half(params, 1, legacy_tucker)
-    u2, d2 = _half(params, 2, legacy_tucker)
+    u1, d1 = half_factors(params, 1, legacy_tucker)
+    u2, d2 = half_factors(params, 2, legacy_tucker)
     return HadamardOfProducts.apply(u1, d1, u2, d2).reshape(weight.shape)
 
 
 def low_rank_factors(params, legacy_tucker: bool = False):
     """Exact rank-r^2 pair (up (out, r^2), down (r^2, in*k*k)) whose product is dW."""
-    return khatri_rao_pair(*_half(params, 1, legacy_tucker), *_half(params, 2, legacy_tucker))
+    return khatri_rao_pair(*half_factors(params, 1, legacy_tucker), *half_factors(params, 2, legacy_tucker))
 
 
 def thin_rank(params) -> int:

@@ -1,0 +1,94 @@
+"""``loha-diffusion inspect FILE`` and ``loha-diffusion convert SRC DST --to kohya|peft|diffusers``.
+
+Exit status 2 with one clear message on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from .io import AdapterFileError, load_state_dict
+from .metadata import family_from_metadata
+from .naming.kohya import detect_unet_naming, family_from_names, split_key
+from .state_dict import group_modules
+
+_PREFIXES = ("lora_unet_", "lycoris_", "lora_te1_", "lora_te2_", "lora_te_")
+
+
+def inspect_file(path, allow_pickle: bool = False) -> dict:
+    """What a file holds: family, algorithms, per-prefix module counts, ranks, alphas, metadata."""
+    from .convert import _family_from_shapes
+
+    tensors, metadata = load_state_dict(path, allow_pickle=allow_pickle)
+    modules, unknown = group_modules(tensors, str(path), allow_unknown_keys=True)
+    names = list(modules)
+    prefixes = Counter(next((p for p in _PREFIXES if n.startswith(p)), n.split("_", 1)[0] + "_") for n in names)
+    return {
+        "file": str(path),
+        "family": family_from_metadata(metadata) or _family_from_shapes(tensors) or family_from_names(names),
+        "unet_naming": detect_unet_naming(names),
+        "modules": len(modules),
+        "modules_by_prefix": dict(prefixes),
+        "algorithms": dict(Counter(m.algorithm.NAME + ("+dora" if m.dora_scale is not None else "") for m in modules.values())),
+        "ranks": dict(sorted(Counter(m.rank for m in modules.values() if m.rank is not None).items())),
+        "alphas": dict(sorted(Counter(m.alpha for m in modules.values() if m.alpha is not None).items())),
+        "modules_without_alpha": sum(1 for m in modules.values() if m.alpha is None and m.rank is not None),
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
+        "unknown_keys": unknown,
+        "metadata": metadata,
+    }
+
+
+def _print_report(report: dict) -> None:
+    for key in ("file", "family", "unet_naming", "modules", "modules_by_prefix", "algorithms", "ranks", "alphas",
+                "modules_without_alpha", "dtypes"):
+        print(f"{key:22} {report[key]}")
+    print(f"{'unknown_keys':22} {len(report['unknown_keys'])}" + (f"  e.g. {report['unknown_keys'][:5]}" if report["unknown_keys"] else ""))
+    print("metadata:")
+    for key, value in sorted(report["metadata"].items()):
+        shown = value if len(value) <= 100 else value[:97] + "..."
+        print(f"  {key}: {shown}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="loha-diffusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="describe an adapter file")
+    p_inspect.add_argument("file")
+    p_inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_inspect.add_argument("--allow-pickle", action="store_true", help="read a pickled .ckpt/.pt (trusted files only)")
+    p_convert = sub.add_parser("convert", help="convert between Kohya/LyCORIS, PEFT and diffusers formats")
+    p_convert.add_argument("source", help="a Kohya/LyCORIS .safetensors file or a PEFT folder")
+    p_convert.add_argument("destination", help="a .safetensors file (kohya, diffusers) or a folder (peft)")
+    p_convert.add_argument("--to", required=True, choices=["kohya", "peft", "diffusers"])
+    p_convert.add_argument("--base-model", help="diffusers model folder whose configs give the module tree "
+                                                 "(default: the published SD1/SD2/SDXL architecture)")
+    p_convert.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base family when it cannot be detected")
+    p_convert.add_argument("--as-lora", action="store_true",
+                           help="kohya output: turn LoHa modules into exactly equivalent LoRA (rank r^2)")
+    p_convert.add_argument("--approximate-rank", type=int,
+                           help="allow a rank-N SVD approximation where the target cannot be exact")
+    p_convert.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"])
+    p_convert.add_argument("--allow-pickle", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            report = inspect_file(args.file, args.allow_pickle)
+            print(json.dumps(report, indent=2, default=str)) if args.json else _print_report(report)
+        else:
+            from .convert import convert
+
+            out = convert(args.source, args.destination, args.to, base_model=args.base_model, family=args.family,
+                          as_lora_exact=args.as_lora, approximate_rank=args.approximate_rank,
+                          save_dtype=args.save_precision, allow_pickle=args.allow_pickle)
+            print(f"wrote {out}")
+    except (AdapterFileError, FileNotFoundError, ValueError) as exc:
+        print(f"loha-diffusion: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Conversions and the CLI, checked through peft and diffusers themselves."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import loha_diffusion  # noqa: F401
+from loha_diffusion.cli import main
+from loha_diffusion.convert import convert
+
+from adapter_files import make_file_tensors, merged_reference
+from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+PROMPT = "a photo"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    pipe = tiny_sd15_pipeline(folder / "tok")
+    pipe.save_pretrained(folder / "model")
+    return pipe, folder / "model"
+
+
+def loha_file(pipe, tmp_path, algo="loha"):
+    state, mods = make_file_tensors(pipe, algo)
+    path = tmp_path / f"{algo}.safetensors"
+    save_file(state, str(path))
+    return path, run_tiny_pipeline(merged_reference(pipe, mods), PROMPT)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lora"])
+def test_kohya_to_peft_loads_in_peft_and_back(base, tmp_path, algo):
+    from peft import PeftModel
+
+    pipe, model = base
+    source, reference = loha_file(pipe, tmp_path, algo)
+    folder = convert(source, tmp_path / "peft", "peft", base_model=model)
+    config = json.loads((folder / "unet" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("LOHA" if algo == "loha" else "LORA")
+    through_peft = copy.deepcopy(pipe)
+    through_peft.unet = PeftModel.from_pretrained(through_peft.unet, str(folder / "unet"))
+    through_peft.text_encoder = PeftModel.from_pretrained(through_peft.text_encoder, str(folder / "text_encoder"))
+    np.testing.assert_allclose(run_tiny_pipeline(through_peft, PROMPT), reference, atol=2e-3)
+
+    back = convert(folder, tmp_path / "back.safetensors", "kohya", base_model=model)
+    original, roundtrip = load_file(str(source)), load_file(str(back))
+    assert original.keys() == roundtrip.keys()
+    assert all(torch.equal(original[k], roundtrip[k]) for k in original)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lora"])
+def test_to_diffusers_format_loads_in_plain_diffusers(base, tmp_path, algo):
+    pipe, model = base
+    source, reference = loha_file(pipe, tmp_path, algo)
+    out = convert(source, tmp_path / "diffusers.safetensors", "diffusers", base_model=model)
+    plain = copy.deepcopy(pipe)
+    plain.load_lora_weights(str(out))                   # diffusers' own loader
+    np.testing.assert_allclose(run_tiny_pipeline(plain, PROMPT), reference, atol=2e-3)
+
+
+def test_loha_to_exact_lora_matches_to_fp32_rounding(base, tmp_path):
+    pipe, model = base
+    source, _ = loha_file(pipe, tmp_path)
+    out = convert(source, tmp_path / "lora.safetensors", "kohya", base_model=model, as_lora_exact=True)
+    loha, lora = load_file(str(source)), load_file(str(out))
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert lora[f"{name}.lora_down.weight"].shape == (16, 16, 3, 3)       # rank 4 -> 16
+    assert float(lora[f"{name}.alpha"]) == 16.0
+    from formulas import loha_delta, lora_delta
+    t = {k.split(".", 1)[1]: v for k, v in loha.items() if k.startswith(name + ".")}
+    expected = loha_delta({k: v for k, v in t.items() if k != "alpha"}, (16, 16, 3, 3), float(t["alpha"]))
+    got = lora_delta({"lora_down.weight": lora[f"{name}.lora_down.weight"], "lora_up.weight": lora[f"{name}.lora_up.weight"]},
+                     (16, 16, 3, 3), 16.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_non_low_rank_needs_an_approximation(base, tmp_path):
+    pipe, model = base
+    source, reference = loha_file(pipe, tmp_path, "lokr")
+    with pytest.raises(ValueError, match="approximate"):
+        convert(source, tmp_path / "x.safetensors", "diffusers", base_model=model)
+    assert not (tmp_path / "x.safetensors").exists()
+    out = convert(source, tmp_path / "x.safetensors", "diffusers", base_model=model, approximate_rank=64)
+    plain = copy.deepcopy(pipe)
+    plain.load_lora_weights(str(out))
+    np.testing.assert_allclose(run_tiny_pipeline(plain, PROMPT), reference, atol=2e-3)  # rank 64 >= full rank here
+
+
+def test_sdxl_written_with_sgm_names_and_metadata(tmp_path):
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    state, _ = make_file_tensors(pipe, "loha", sdxl=True)
+    pipe.load_loha_weights(state, adapter_name="x")
+    out = pipe.save_loha_weights(tmp_path / "out.safetensors", save_dtype=torch.float16)
+    written = load_file(str(out))
+    assert written.keys() == state.keys()                 # SGM UNet names, te1/te2 with text_model
+    assert all(v.dtype == torch.float16 for v in written.values())
+    assert all(torch.equal(written[k], state[k].half()) for k in state)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"])["algo"] == "loha"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+
+
+def test_written_files_load_in_lycoris_with_same_unet_outputs(base, tmp_path, monkeypatch):
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    # lycoris-lora 4.1.3 lists TimestepEmbedding among its targets and then asserts on the
+    # duplicated time_embedding names of a diffusers UNet (formats.md 1.7); drop that class.
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_MODULE",
+                        [m for m in LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE if m != "TimestepEmbedding"])
+    pipe, _ = base
+    state, _ = make_file_tensors(pipe, "loha")
+    ours = copy.deepcopy(pipe)
+    ours.load_loha_weights(state, adapter_name="a")
+    path = ours.save_loha_weights(tmp_path / "ours.safetensors")
+    theirs = copy.deepcopy(pipe)
+    network, _ = create_network_from_weights(1.0, str(path), None, theirs.text_encoder, theirs.unet)
+    network.apply_to(theirs.text_encoder, theirs.unet, apply_text_encoder=False, apply_unet=True)
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs.unet(sample, 10, hidden).sample
+        got = ours.unet(sample, 10, hidden).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_inspect_and_convert(base, tmp_path, capsys):
+    pipe, model = base
+    source, _ = loha_file(pipe, tmp_path)
+    assert main(["inspect", str(source), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["algorithms"] == {"loha": report["modules"]} and report["ranks"] == {"4": report["modules"]}
+    assert main(["convert", str(source), str(tmp_path / "p"), "--to", "peft", "--base-model", str(model)]) == 0
+    assert (tmp_path / "p" / "unet" / "adapter_model.safetensors").is_file()
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"nonsense")
+    assert main(["inspect", str(garbage)]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
