@@ -107,3 +107,16 @@ class LoRAConfig(AdapterConfig):
     """LoRA / LoCon: dW = up @ down * alpha / r (``use_effective_conv2d`` adds the Tucker ``lora_mid``)."""
 
     algorithm: ClassVar[str] = "lora"
+
+
+@dataclass
+class LoKrConfig(AdapterConfig):
+    """LoKr: dW = kron(w1, w2) * alpha / r (w1 full unless ``decompose_both``; both full => scale 1)."""
+
+    algorithm: ClassVar[str] = "lokr"
+
+    decompose_both: bool = False
+    decompose_factor: int = -1
+
+
+CONFIG_CLASSES = {cls.algorithm: cls for cls in (LoHaConfig, LoRAConfig, LoKrConfig)}

@@ -64,11 +64,15 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
         weight = layer.base_layer.weight
         rank = config.rank_for(path)
+        options = {"decompose_both": config.decompose_both, "factor": config.decompose_factor} \
+            if config.algorithm == "lokr" else {}
         if config.low_cpu_mem_usage:
             with torch.device("meta"):
-                tensors = algorithm.init_params(weight.shape, rank, config.use_effective_conv2d, config.init_scheme)
+                tensors = algorithm.init_params(weight.shape, rank, config.use_effective_conv2d, config.init_scheme,
+                                                **options)
         else:
-            tensors = algorithm.init_params(weight.shape, rank, config.use_effective_conv2d, config.init_scheme)
+            tensors = algorithm.init_params(weight.shape, rank, config.use_effective_conv2d, config.init_scheme,
+                                            **options)
             tensors = {k: v.to(weight.device) for k, v in tensors.items()}
         adapter = AdapterWeights(config.algorithm, tensors, config.alpha_for(path),
                                  rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)

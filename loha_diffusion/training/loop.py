@@ -1,0 +1,320 @@
+"""The training loop: data first, then models, adapters, optimiser, steps, checkpoints, output."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from ..model import inject_adapter
+from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config
+from .args import UsageError, parse_args
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data import DreamBoothDataset, class_prompts, collate, load_folder, load_hf_dataset
+from .loss import dreambooth_loss, min_snr_weights, snr, training_target
+from .output import write_outputs
+from .text import encode, tokenize
+from .validation import generate, save_grid
+
+logger = logging.getLogger("loha_diffusion.train")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation seeded by (seed, epoch): the same order after a resume."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:  # not set_epoch: see DreamBoothDataset.use_epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        logger.warning("received %s: saving a checkpoint after this step, then stopping",
+                       signal.Signals(signum).name)
+
+
+def load_pipeline(args, dtype):
+    from diffusers import StableDiffusionPipeline
+
+    source = args.pretrained_model_name_or_path
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if str(source).endswith((".safetensors", ".ckpt")) and Path(source).is_file():
+        return StableDiffusionPipeline.from_single_file(source, **kwargs)
+    return StableDiffusionPipeline.from_pretrained(source, revision=args.revision, variant=args.variant, **kwargs)
+
+
+def ensure_class_images(args, accelerator, pipe) -> None:
+    """Generate the missing class images with the base pipeline (main process only)."""
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix == ".png"])
+    if accelerator.is_main_process and have < args.num_class_images:
+        from diffusers import DPMSolverMultistepScheduler
+
+        prompts = class_prompts(args.class_prompt)
+        pipe = pipe.to(accelerator.device)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        logger.info("generating %d class images in %s", args.num_class_images - have, folder)
+        generator = torch.Generator("cpu").manual_seed(args.seed + 1)
+        for start in range(have, args.num_class_images, args.sample_batch_size):
+            batch = [prompts[i % len(prompts)] for i in range(start, min(start + args.sample_batch_size,
+                                                                         args.num_class_images))]
+            images = pipe(batch, num_inference_steps=args.class_generation_steps, generator=generator,
+                          guidance_scale=args.class_guidance_scale, height=args.resolution,
+                          width=args.resolution).images
+            for offset, (image, prompt) in enumerate(zip(images, batch)):
+                image.save(folder / f"class-{start + offset:05d}.png")
+                (folder / f"class-{start + offset:05d}.txt").write_text(prompt)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        args = parse_args(argv)
+        # data before models: a bad folder fails in a second, not after loading gigabytes
+        if args.dataset_name:
+            instances = load_hf_dataset(args.dataset_name, args.dataset_config_name, args.image_column,
+                                        args.caption_column, args.instance_prompt)
+        else:
+            instances = load_folder(args.instance_data_dir, args.instance_prompt, "instance")
+    except UsageError as exc:
+        print(f"train_loha_sd.py: error: {exc}", file=sys.stderr)
+        return 2
+    return train(args, instances)
+
+
+def train(args, instances) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    # accelerate only enters its multi-CPU (gloo) mode when told to run on the CPU: do that
+    # for a torchrun / accelerate launch with several processes on a machine without CUDA
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    pipe = load_pipeline(args, weight_dtype)
+    classes = None
+    if args.with_prior_preservation:
+        ensure_class_images(args, accelerator, pipe)
+        classes = load_folder(args.class_data_dir, class_prompts(args.class_prompt)[0], "class")
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    for model in (vae, text_encoder, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device)
+
+    # adapters are created in fp32 beside the (possibly half-precision) frozen weights
+    unet_targets = inject_adapter(unet, adapter_config(args, unet, UNET_PRESETS[args.preset]))
+    te_targets = []
+    if args.train_text_encoder:
+        te_targets = inject_adapter(text_encoder, adapter_config(args, text_encoder, TEXT_ENCODER_PRESETS[args.preset]))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    groups = [{"params": unet_params, "lr": args.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": args.text_encoder_lr or args.learning_rate})
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_class = bnb.optim.AdamW8bit
+    optimizer = optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                eps=args.adam_epsilon)
+
+    dataset = DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
+                                args.repeats, args.seed)
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=args.dataloader_num_workers)
+    updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    epochs = math.ceil(max_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    if args.train_text_encoder:  # DDP refuses a module with nothing to train
+        text_encoder = accelerator.prepare(text_encoder)
+    trained = {"unet": unet, "text_encoder": text_encoder}
+
+    counters = {"global_step": 0, "micro_step": 0, "epoch": 0, "batches_done_in_epoch": 0}
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        counters = load_checkpoint(checkpoint, {k: accelerator.unwrap_model(m) for k, m in trained.items()},
+                                   optimizer, lr_scheduler)
+        logger.info("resumed from %s at step %d", checkpoint, counters["global_step"])
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("no checkpoint in %s: starting from scratch", output_dir)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("loha_diffusion", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    logger.info("%d UNet and %d text-encoder layers adapted (%s, rank %d); %d trainable parameters; %d steps",
+                len(unet_targets), len(te_targets), args.algo, args.rank,
+                sum(p.numel() for p in unet_params + te_params), max_steps)
+
+    stop = StopRequest()
+    progress = tqdm(total=max_steps, initial=counters["global_step"], disable=not accelerator.is_local_main_process,
+                    desc="steps")
+    history = []
+    scaling = vae.config.scaling_factor
+    unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
+
+    def checkpoint_now():
+        if accelerator.is_main_process:
+            path = save_checkpoint(output_dir, counters["global_step"], unwrapped, optimizer, lr_scheduler,
+                                   counters, args.checkpoints_total_limit)
+            logger.info("saved %s", path)
+        accelerator.wait_for_everyone()
+
+    def validate(step):
+        if not accelerator.is_main_process or args.validation_prompt is None:
+            return None
+        images = generate(vae, unwrapped["text_encoder"], tokenizer, unwrapped["unet"], noise_scheduler.config,
+                          args.validation_prompt, args.num_validation_images, args.seed,
+                          args.validation_inference_steps, args.validation_guidance_scale, args.resolution,
+                          args.clip_skip, accelerator.device)
+        path = save_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                          dataformats="NHWC")
+        return path
+
+    unet.train()
+    text_encoder.train(args.train_text_encoder)
+    finished = counters["global_step"] >= max_steps
+    while not finished and counters["epoch"] < epochs:
+        epoch = counters["epoch"]
+        dataset.use_epoch(epoch)
+        sampler.use_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, counters["batches_done_in_epoch"]) \
+            if counters["batches_done_in_epoch"] else loader
+        for batch in batches:
+            with accelerator.accumulate(unet, text_encoder):
+                # every random draw of a micro-step comes from its own seed: resumes are exact
+                step_seed = (args.seed * 1_000_003 + counters["micro_step"]) * 101 + accelerator.process_index
+                torch.manual_seed(step_seed)
+                generator = torch.Generator(device=accelerator.device).manual_seed(step_seed)
+                pixels = batch["pixels"].to(accelerator.device, weight_dtype)
+                latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
+                noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                if args.noise_offset:
+                    noise = noise + args.noise_offset * torch.randn(
+                        (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator, device=latents.device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                ids = tokenize(tokenizer, batch["captions"]).to(accelerator.device)
+                hidden = encode(text_encoder, ids, args.clip_skip)
+                pred = unet(noisy, timesteps, hidden.to(weight_dtype)).sample
+                target = training_target(noise_scheduler, latents, noise, timesteps)
+                weights = None
+                if args.snr_gamma is not None:
+                    weights = min_snr_weights(snr(noise_scheduler.alphas_cumprod, timesteps), args.snr_gamma,
+                                              prediction_type)
+                loss, instance_loss, prior_loss = dreambooth_loss(pred, target, weights, batch["with_prior"],
+                                                                  args.prior_loss_weight)
+                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=accelerator.device),
+                                         reduction="sum")
+                if bad.item() > 0:
+                    logger.error("the loss became NaN/inf at step %d (lr %.3g): stopping without saving this state; "
+                                 "the last good checkpoint is kept. Lower --learning_rate or --alpha, or use "
+                                 "--mixed_precision bf16 instead of fp16.", counters["global_step"],
+                                 lr_scheduler.get_last_lr()[0])
+                    accelerator.end_training()
+                    return 3
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet_params + te_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            counters["micro_step"] += 1
+            counters["batches_done_in_epoch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            counters["global_step"] += 1
+            step = counters["global_step"]
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if prior_loss is not None:
+                logs.update(instance_loss=instance_loss.item(), prior_loss=prior_loss.item())
+            history.append({"step": step, **logs})
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=step)
+            finished = step >= max_steps
+            if stop.signal is not None or (args.checkpointing_steps and step % args.checkpointing_steps == 0
+                                           and not finished):
+                checkpoint_now()
+            if stop.signal is not None:
+                logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", step)
+                accelerator.end_training()
+                return 128 + stop.signal
+            if args.validation_prompt and args.validation_steps and step % args.validation_steps == 0 and not finished:
+                validate(step)
+            if finished:
+                break
+        else:
+            counters["epoch"] += 1
+            counters["batches_done_in_epoch"] = 0
+    progress.close()
+
+    sample = validate(counters["global_step"])
+    if accelerator.is_main_process:
+        paths = write_outputs(args, unwrapped, history, sample, started, counters["global_step"], len(instances),
+                              len(classes or []), prediction_type)
+        print(f"\nSaved the adapter to {paths['adapter']}\nLoad it with:\n"
+              f"    import loha_diffusion\n"
+              f"    from diffusers import StableDiffusionPipeline\n"
+              f"    pipe = StableDiffusionPipeline.from_pretrained({str(args.pretrained_model_name_or_path)!r})\n"
+              f"    pipe.load_loha_weights({str(paths['adapter'])!r})\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0

@@ -1,0 +1,180 @@
+"""The DreamBooth trainer on a tiny SD1.5-layout model: outputs, resume, learning, formulas."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import loha_diffusion  # noqa: F401
+from loha_diffusion.training.data import DreamBoothDataset, Example, collate
+from loha_diffusion.training.loop import main
+from loha_diffusion.training.loss import dreambooth_loss, min_snr_weights, snr, training_target
+
+from tiny_models import tiny_sd15_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    pipe = tiny_sd15_pipeline(root / "tok")
+    pipe.save_pretrained(root / "model")
+    (root / "inst").mkdir()
+    yy, xx = np.mgrid[:24, :24]
+    disc = ((yy - 12) ** 2 + (xx - 12) ** 2 < 60)[..., None] * np.array([200, 30, 160]) + 20
+    Image.fromarray(disc.astype("uint8")).save(root / "inst" / "0.png")
+    return root
+
+
+def run(setup, out, *extra, steps=4):
+    args = ["--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
+            "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", str(steps),
+            "--output_dir", str(out), "--report_to", "none", "--checkpointing_steps", "1000", *extra]
+    assert main(args) == 0
+    return out
+
+
+def test_output_file_loads_and_changes_outputs(setup, tmp_path):
+    out = run(setup, tmp_path / "out", "--train_text_encoder", "--learning_rate", "1e-3")
+    path = out / "loha.safetensors"
+    tensors = load_file(str(path))
+    modules = {k.split(".", 1)[0] for k in tensors}
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in modules
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv" in modules
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert all(f"{m}.alpha" in tensors for m in modules)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_base_model_version"] == "sd_v1"
+    assert json.loads(meta["ss_network_args"])["algo"] == "loha" and meta["ss_steps"] == "4"
+    assert (out / "README.md").is_file() and (out / "loss.png").is_file()
+
+    pipe = tiny_sd15_pipeline(tmp_path / "tok")
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    sample, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        base = pipe.unet(sample, t, pipe.text_encoder(ids)[0]).sample
+        pipe.load_loha_weights(path)
+        adapted = pipe.unet(sample, t, pipe.text_encoder(ids)[0]).sample
+    assert (adapted - base).abs().max() > 1e-4
+
+
+def test_text_encoder_adapters_only_with_the_flag(setup, tmp_path):
+    out = run(setup, tmp_path / "out", "--algo", "lora", "--preset", "attn-only", steps=2)
+    names = {k.split(".", 1)[0] for k in load_file(str(out / "loha.safetensors"))}
+    assert names and not any(n.startswith("lora_te") for n in names)
+    assert all(n.endswith(("to_q", "to_k", "to_v", "to_out_0")) for n in names)
+
+
+def test_resume_gives_the_same_tensors_as_an_uninterrupted_run(setup, tmp_path):
+    flags = ["--train_text_encoder", "--checkpointing_steps", "2", "--rank_dropout", "0.2", "--random_flip",
+             "--learning_rate", "1e-3", "--lr_scheduler", "cosine"]
+    full = run(setup, tmp_path / "full", *flags)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    os.rename(full / "checkpoint-2", resumed_dir / "checkpoint-2")
+    run(setup, resumed_dir, *flags, "--resume_from_checkpoint", "latest")
+    a, b = load_file(str(full / "loha.safetensors")), load_file(str(resumed_dir / "loha.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def denoising_loss(pipe, steps=12):
+    """Mean epsilon MSE of the UNet on the instance image over fixed (noise, t) pairs."""
+    image = np.asarray(Image.open(Path(pipe._instance)).convert("RGB").resize((16, 16)), dtype=np.float32) / 127.5 - 1
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    g = torch.Generator().manual_seed(0)
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        hidden = pipe.text_encoder(ids)[0]
+        total = 0.0
+        for i in range(steps):
+            t = torch.tensor([50 + 75 * i])
+            noise = torch.randn(latents.shape, generator=g)
+            pred = pipe.unet(pipe.scheduler.add_noise(latents, noise, t), t, hidden).sample
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / steps
+
+
+def test_overfitting_one_image_lowers_the_loss(setup, tmp_path):
+    out = run(setup, tmp_path / "out", "--learning_rate", "2e-3", "--train_text_encoder", steps=30)
+    pipe = tiny_sd15_pipeline(tmp_path / "tok")
+    pipe._instance = setup / "inst" / "0.png"
+    before = denoising_loss(pipe)
+    pipe.load_loha_weights(out / "loha.safetensors")
+    after = denoising_loss(pipe)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_bad_data_fails_before_loading_a_model(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--pretrained_model_name_or_path", "/does/not/matter", "--instance_data_dir",
+                 str(tmp_path / "empty"), "--instance_prompt", "x"]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not an image")
+    assert main(["--pretrained_model_name_or_path", "/does/not/matter", "--instance_data_dir",
+                 str(tmp_path / "bad"), "--instance_prompt", "x"]) == 2
+    assert "no usable instance images" in capsys.readouterr().err
+
+
+# -- the objective against its formulas ---------------------------------------------------------
+def test_min_snr_weights_and_v_target_follow_the_formulas():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    t = torch.tensor([1, 100, 500, 999])
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t]
+    expected_snr = abar / (1 - abar)
+    torch.testing.assert_close(snr(scheduler.alphas_cumprod, t).double(), expected_snr, rtol=1e-4, atol=0)
+    s = expected_snr.float()
+    torch.testing.assert_close(min_snr_weights(s, 5.0, "epsilon"), torch.clamp(s, max=5.0) / s)
+    torch.testing.assert_close(min_snr_weights(s, 5.0, "v_prediction"), torch.clamp(s, max=5.0) / (s + 1))
+    latents, noise = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    v = training_target(scheduler, latents, noise, t)
+    expected_v = abar.sqrt().float().view(-1, 1, 1, 1) * noise - (1 - abar).sqrt().float().view(-1, 1, 1, 1) * latents
+    torch.testing.assert_close(v, expected_v, rtol=1e-4, atol=1e-5)
+
+
+def test_prior_preservation_batches_hold_instance_then_class_halves():
+    img = Image.new("RGB", (20, 20), (255, 0, 0))
+    cls = Image.new("RGB", (20, 20), (0, 0, 255))
+    dataset = DreamBoothDataset([Example(img, "sks")], [Example(cls, "dog"), Example(cls, "dog 2")], 16,
+                                center_crop=True, random_flip=False)
+    assert len(dataset) == 2
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["captions"] == ["sks", "sks", "dog", "dog 2"] and batch["with_prior"]
+    assert (batch["pixels"][:2, 0] > 0.9).all() and (batch["pixels"][2:, 2] > 0.9).all()
+    pred, target = torch.zeros(4, 1), torch.tensor([[1.0], [1.0], [2.0], [2.0]])
+    loss, instance, prior = dreambooth_loss(pred, target, None, True, prior_loss_weight=0.5)
+    assert instance.item() == 1.0 and prior.item() == 4.0 and loss.item() == 3.0
+
+
+def test_two_processes_write_one_file(setup, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO / "train_scripts" / "train_loha_sd.py"),
+               "--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
+               "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", "2", "--repeats", "2",
+               "--output_dir", str(out), "--report_to", "none", "--checkpointing_steps", "1", "--train_text_encoder"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["loha.safetensors"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert result.stdout.count("Saved the adapter") == 1
