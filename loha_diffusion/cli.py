@@ -11,7 +11,7 @@ from collections import Counter
 
 from .io import AdapterFileError, load_state_dict
 from .metadata import family_from_metadata
-from .naming.kohya import detect_unet_naming, family_from_names, split_key
+from .naming.kohya import detect_unet_naming, family_from_names
 from .state_dict import group_modules
 
 _PREFIXES = ("lora_unet_", "lycoris_", "lora_te1_", "lora_te2_", "lora_te_")

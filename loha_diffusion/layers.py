@@ -12,7 +12,6 @@ the base weight, the active set or a strength changes, so unfused inference cost
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +126,6 @@ class AdapterWeights(nn.Module):
         if self.dora_scale is not None:
             tensors["dora_scale"] = self.dora_scale.detach()
         return tensors
-
-
-def _kernel_size(base: nn.Module) -> tuple[int, ...]:
-    return tuple(base.weight.shape[2:])
 
 
 class AdapterLayer(nn.Module):
@@ -290,7 +285,7 @@ class AdapterLayer(nn.Module):
             if isinstance(base, nn.Linear):
                 out = F.linear(F.linear(xin, down), up)
             else:
-                kernel = _kernel_size(base)
+                kernel = tuple(base.weight.shape[2:])
                 down_kernel = down.reshape(down.shape[0], base.in_channels, *kernel)
                 hidden = base._conv_forward(xin, down_kernel, None)
                 pointwise = F.conv2d if isinstance(base, nn.Conv2d) else F.conv1d
@@ -419,15 +414,6 @@ class AdapterLayer(nn.Module):
         self._weight_backup = self._bias_backup = None
         self.merged_adapters = []
         self._invalidate()
-
-    @contextmanager
-    def adapters_disabled(self):
-        previous = self.adapters_enabled
-        self.adapters_enabled = False
-        try:
-            yield
-        finally:
-            self.adapters_enabled = previous
 
     def extra_repr(self) -> str:
         parts = [f"{n}: {a.algorithm.NAME} r={a.rank} alpha={None if a.alpha is None else float(a.alpha)} "
