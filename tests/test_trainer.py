@@ -44,7 +44,9 @@ def run(setup, out, *extra, steps=4):
 
 
 def test_output_file_loads_and_changes_outputs(setup, tmp_path):
-    out = run(setup, tmp_path / "out", "--train_text_encoder", "--learning_rate", "1e-3")
+    out = run(setup, tmp_path / "out", "--train_text_encoder", "--learning_rate", "1e-3", "--validation_prompt",
+              PROMPT, "--validation_prompt", "a photo", "--num_validation_images", "2",
+              "--validation_inference_steps", "2", "--validation_steps", "2")
     path = out / "loha.safetensors"
     tensors = load_file(str(path))
     modules = {k.split(".", 1)[0] for k in tensors}
@@ -58,6 +60,8 @@ def test_output_file_loads_and_changes_outputs(setup, tmp_path):
     assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_base_model_version"] == "sd_v1"
     assert json.loads(meta["ss_network_args"])["algo"] == "loha" and meta["ss_steps"] == "4"
     assert (out / "README.md").is_file() and (out / "loss.png").is_file()
+    assert (out / "before_after.png").is_file() and (out / "validation" / "step-000002.png").is_file()
+    assert "before_after.png" in (out / "README.md").read_text()
 
     pipe = tiny_sd15_pipeline(tmp_path / "tok")
     ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length,

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpointing_steps", type=int, default=500)
     add("--checkpoints_total_limit", type=int, default=None)
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    add("--validation_prompt", default=None)
+    add("--validation_prompt", action="append", default=None,
+        help="prompt for validation images; repeat the flag for several (e.g. the instance and the class prompt)")
     add("--num_validation_images", type=int, default=4)
     add("--validation_steps", type=int, default=100)
     add("--validation_guidance_scale", type=float, default=7.5)
@@ -123,7 +124,7 @@ def apply_demo_defaults(args, argv) -> None:
             "class_prompt": str(DEMO_CLASS_PROMPTS), "num_class_images": 100, "class_guidance_scale": 3.0,
             "resolution": 32, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "train_text_encoder": True,
             "max_train_steps": 800, "train_batch_size": 5, "checkpointing_steps": 400,
-            "validation_prompt": "a sks shape", "validation_steps": 400, "num_validation_images": 4,
+            "validation_prompt": ["a sks shape", "a shape"], "validation_steps": 400, "num_validation_images": 4,
             "validation_guidance_scale": 1.5, "output_dir": "loha-output/demo", "output_name": "sks-shape-loha",
             "random_flip": True}
     for key, value in demo.items():

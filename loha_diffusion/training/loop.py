@@ -19,7 +19,8 @@ from .data import DreamBoothDataset, class_prompts, collate, load_folder, load_h
 from .loss import dreambooth_loss, min_snr_weights, snr, training_target
 from .output import write_outputs
 from .text import encode, tokenize
-from .validation import generate, save_grid
+from .demo import demo_samples, report_demo_scores
+from .validation import adapters_off, generate, save_before_after, save_grid
 
 logger = logging.getLogger("loha_diffusion.train")
 
@@ -211,20 +212,31 @@ def train(args, instances) -> int:
             logger.info("saved %s", path)
         accelerator.wait_for_everyone()
 
+    def images_for(prompt, count=None, guidance=None):
+        return generate(vae, unwrapped["text_encoder"], tokenizer, unwrapped["unet"], noise_scheduler.config, prompt,
+                        count or args.num_validation_images, args.seed, args.validation_inference_steps,
+                        args.validation_guidance_scale if guidance is None else guidance, args.resolution,
+                        args.clip_skip, accelerator.device)
+
     def validate(step):
-        if not accelerator.is_main_process or args.validation_prompt is None:
+        """One grid per validation prompt (a row each), saved and logged."""
+        if not accelerator.is_main_process or not args.validation_prompt:
             return None
-        images = generate(vae, unwrapped["text_encoder"], tokenizer, unwrapped["unet"], noise_scheduler.config,
-                          args.validation_prompt, args.num_validation_images, args.seed,
-                          args.validation_inference_steps, args.validation_guidance_scale, args.resolution,
-                          args.clip_skip, accelerator.device)
-        path = save_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        rows = [images_for(prompt) for prompt in args.validation_prompt]
+        path = save_grid(rows, output_dir / "validation" / f"step-{step:06d}.png")
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 import numpy as np
-                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
-                                          dataformats="NHWC")
+                for prompt, images in zip(args.validation_prompt, rows):
+                    tracker.writer.add_images(f"validation/{prompt}", np.stack([np.asarray(i) for i in images]), step,
+                                              dataformats="NHWC")
         return path
+
+    before = None
+    if accelerator.is_main_process and args.validation_prompt:
+        with adapters_off(unwrapped.values()):  # the base model, also when resuming
+            before = [images_for(prompt) for prompt in args.validation_prompt]
+            demo_before = demo_samples(args, images_for) if args.demo else None
 
     unet.train()
     text_encoder.train(args.train_text_encoder)
@@ -296,7 +308,7 @@ def train(args, instances) -> int:
                 logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", step)
                 accelerator.end_training()
                 return 128 + stop.signal
-            if args.validation_prompt and args.validation_steps and step % args.validation_steps == 0 and not finished:
+            if args.validation_steps and step % args.validation_steps == 0 and not finished:
                 validate(step)
             if finished:
                 break
@@ -307,6 +319,11 @@ def train(args, instances) -> int:
 
     sample = validate(counters["global_step"])
     if accelerator.is_main_process:
+        if before is not None:
+            after = [images_for(prompt) for prompt in args.validation_prompt]
+            sample = save_before_after(before, after, args.validation_prompt, output_dir / "before_after.png")
+        if args.demo:
+            report_demo_scores(demo_before, demo_samples(args, images_for), output_dir / "demo_scores.json")
         paths = write_outputs(args, unwrapped, history, sample, started, counters["global_step"], len(instances),
                               len(classes or []), prediction_type)
         print(f"\nSaved the adapter to {paths['adapter']}\nLoad it with:\n"

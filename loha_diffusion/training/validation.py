@@ -1,9 +1,12 @@
 """Validation images with a fixed seed, from the modules being trained (adapters unfused)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from ..layers import AdapterLayer
 
 from .text import encode, tokenize
 
@@ -37,14 +40,56 @@ def generate(vae, text_encoder, tokenizer, unet, scheduler_config, prompt: str, 
     return images
 
 
-def save_grid(images, path) -> Path:
-    """Side-by-side PNG of ``images``."""
+@contextmanager
+def adapters_off(models):
+    """Run ``models`` without their adapters inside the block."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, AdapterLayer)]
+    previous = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.adapters_enabled = state
+
+
+def save_grid(rows, path) -> Path:
+    """A PNG with one row of images per entry of ``rows``."""
     from PIL import Image
 
-    width, height = images[0].size
-    grid = Image.new("RGB", (width * len(images), height))
-    for i, image in enumerate(images):
-        grid.paste(image, (i * width, 0))
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def save_before_after(before, after, prompts, path) -> Path:
+    """Rows = prompts; left half the base model, right half the trained adapter, same seeds.
+    Small images are upscaled so the grid can be looked at."""
+    from PIL import Image, ImageDraw
+
+    width, height = before[0][0].size
+    zoom = max(1, 96 // width)
+    cell_w, cell_h = width * zoom, height * zoom
+    label_h, gap = 14, 8
+    columns = len(before[0])
+    grid = Image.new("RGB", (2 * columns * cell_w + gap, len(prompts) * (cell_h + label_h) + label_h), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 1), "before (base model)", fill="black")
+    draw.text((columns * cell_w + gap + 2, 1), "after (with adapter)", fill="black")
+    for row, prompt in enumerate(prompts):
+        top = label_h + row * (cell_h + label_h)
+        draw.text((2, top + 1), repr(prompt), fill="black")
+        for half, images in enumerate((before[row], after[row])):
+            for col, image in enumerate(images):
+                left = half * (columns * cell_w + gap) + col * cell_w
+                grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (left, top + label_h))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
