@@ -201,3 +201,33 @@ def test_unsupported_algorithm_is_refused(pipe, tmp_path):
     state = {"lora_unet_conv_in.oft_blocks": torch.zeros(4, 4, 4), "lora_unet_conv_in.alpha": torch.tensor(1.0)}
     with pytest.raises(AdapterFileError, match="not support"):
         pipe.load_loha_weights(write(tmp_path, state))
+
+
+def test_sd2_linear_projection_takes_4d_kohya_tensors(tmp_path):
+    """sd-scripts writes SD2 proj_in/proj_out LoRAs as 1x1 conv tensors; diffusers' SD2 has Linear there."""
+    pipe = tiny_sd15_pipeline(tmp_path, use_linear_projection=True, prediction_type="v_prediction")
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.proj_in")
+    assert isinstance(layer, torch.nn.Linear)
+    g = torch.Generator().manual_seed(0)
+    down = torch.randn(2, layer.in_features, 1, 1, generator=g)
+    up = torch.randn(layer.out_features, 2, 1, 1, generator=g)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    original = layer.weight.detach().clone()
+    pipe.load_loha_weights({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                            f"{name}.alpha": torch.tensor(1.0)})
+    pipe.fuse_loha()
+    expected = original + 0.5 * (up.flatten(1) @ down.flatten(1))
+    torch.testing.assert_close(pipe.unet.get_submodule("down_blocks.0.attentions.0.proj_in").base_layer.weight, expected)
+    assert np.isfinite(run_tiny_pipeline(pipe, PROMPT)).all()
+
+
+def test_bf16_pipeline_runs_and_unfuses_exactly(pipe, tmp_path):
+    pipe.to(torch.bfloat16)
+    before = state_of(pipe)
+    state, _ = make_file_tensors(pipe, ["loha", "lora"])
+    pipe.load_loha_weights(state)
+    assert np.isfinite(run_tiny_pipeline(pipe, PROMPT)).all()
+    pipe.fuse_loha()
+    pipe.unfuse_loha()
+    pipe.unload_loha_weights()
+    assert_same_state(pipe, before)
