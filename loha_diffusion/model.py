@@ -96,6 +96,20 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
+@contextmanager
+def adapters_disabled(*models: nn.Module):
+    """Run ``models`` without their adapters inside the block (fused adapters are unfused)."""
+    layers = [layer for model in models for _, layer in adapter_layers(model)]
+    previous = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.adapters_enabled = state
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside a ``LoHaModel`` (or the module itself)."""
     return module.model if isinstance(module, LoHaModel) else module
@@ -170,17 +184,9 @@ class LoHaModel(nn.Module):
         remaining = [n for n in self.active_adapters if n != adapter_name]
         self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
 
-    @contextmanager
     def disable_adapter(self):
-        layers = [layer for _, layer in adapter_layers(self.model)]
-        previous = [layer.adapters_enabled for layer in layers]
-        for layer in layers:
-            layer.adapters_enabled = False
-        try:
-            yield
-        finally:
-            for layer, state in zip(layers, previous):
-                layer.adapters_enabled = state
+        """Context manager: run the base model inside the block."""
+        return adapters_disabled(self.model)
 
     def merge_adapter(self, adapter_names=None) -> None:
         names = self.active_adapters if adapter_names is None else self._check_names(adapter_names)

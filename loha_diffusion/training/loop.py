@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import inject_adapter
+from ..model import adapters_disabled, inject_adapter
 from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config
 from .args import UsageError, parse_args
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -20,7 +20,7 @@ from .loss import dreambooth_loss, min_snr_weights, snr, training_target
 from .output import write_outputs
 from .text import encode, tokenize
 from .demo import demo_samples, report_demo_scores
-from .validation import adapters_off, generate, save_before_after, save_grid
+from .validation import generate, save_before_after, save_grid
 
 logger = logging.getLogger("loha_diffusion.train")
 
@@ -234,7 +234,7 @@ def train(args, instances) -> int:
 
     before = None
     if accelerator.is_main_process and args.validation_prompt:
-        with adapters_off(unwrapped.values()):  # the base model, also when resuming
+        with adapters_disabled(*unwrapped.values()):  # the base model, also when resuming
             before = [images_for(prompt) for prompt in args.validation_prompt]
             demo_before = demo_samples(args, images_for) if args.demo else None
 

@@ -1,12 +1,10 @@
 """Validation images with a fixed seed, from the modules being trained (adapters unfused)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..layers import AdapterLayer
 
 from .text import encode, tokenize
 
@@ -38,20 +36,6 @@ def generate(vae, text_encoder, tokenizer, unet, scheduler_config, prompt: str, 
         unet.train(was_training[0])
         text_encoder.train(was_training[1])
     return images
-
-
-@contextmanager
-def adapters_off(models):
-    """Run ``models`` without their adapters inside the block."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, AdapterLayer)]
-    previous = [layer.adapters_enabled for layer in layers]
-    for layer in layers:
-        layer.adapters_enabled = False
-    try:
-        yield
-    finally:
-        for layer, state in zip(layers, previous):
-            layer.adapters_enabled = state
 
 
 def save_grid(rows, path) -> Path:
