@@ -134,17 +134,13 @@ def lora_pair(adapter: AdapterWeights, weight: torch.Tensor, approximate_rank: i
             f"a {adapter.algorithm.NAME}{' + DoRA' if adapter.dora_scale is not None else ''} module is not a "
             "low-rank product, so LoRA cannot express it exactly; pass approximate_rank=N (--approximate-rank N) "
             "to use a rank-N SVD approximation")
-    delta = torch.zeros(weight.shape) if weight.is_meta else weight.float()
+    if weight.is_meta and (adapter.dora_scale is not None or adapter.algorithm.NAME == "ia3"):
+        raise AdapterFileError(f"approximating a {adapter.algorithm.NAME} module with DoRA or IA3 needs the base "
+                               "weights' values, which a conversion without a model does not have")
     with torch.no_grad():
-        if adapter.dora_scale is None:
-            full = adapter.delta_weight(torch.empty(weight.shape, device="meta") if weight.is_meta else weight)
-            full = full * adapter.scale
-        else:
-            if weight.is_meta:
-                raise AdapterFileError("approximating DoRA needs the base weights: pass a base model with weights")
-            
-            full = apply_dora(delta, adapter.delta_weight(weight) * adapter.scale, adapter.dora_scale.float(), 1.0,
-                              adapter.dora_semantics)
+        full = adapter.delta_weight(weight, adapter.scale)
+        if adapter.dora_scale is not None:
+            full = apply_dora(weight.float(), full, adapter.dora_scale.float(), 1.0, adapter.dora_semantics)
     u, s, vh = torch.linalg.svd(full.flatten(1), full_matrices=False)
     rank = min(approximate_rank, s.numel())
     return u[:, :rank] * s[:rank], vh[:rank]

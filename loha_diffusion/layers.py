@@ -103,12 +103,12 @@ class AdapterWeights(nn.Module):
     def versions(self) -> tuple:
         return tuple(t._version for t in (*self.parameters(), *self.buffers()))
 
-    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Unscaled fp32 dW for the base ``weight``."""
+    def delta_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """fp32 ``scale`` * dW for the base ``weight``."""
         if self.source_in_channels is None:
-            return self.algorithm.delta_weight(self.params, weight, legacy_tucker=self.legacy_tucker)
+            return self.algorithm.delta_weight(self.params, weight, scale=scale, legacy_tucker=self.legacy_tucker)
         narrow = weight[:, : self.source_in_channels]
-        delta = self.algorithm.delta_weight(self.params, narrow, legacy_tucker=self.legacy_tucker)
+        delta = self.algorithm.delta_weight(self.params, narrow, scale=scale, legacy_tucker=self.legacy_tucker)
         return torch.nn.functional.pad(delta, (0,) * (2 * (weight.dim() - 2)) + (0, weight.shape[1] - delta.shape[1]))
 
     def delta_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -207,13 +207,14 @@ class AdapterLayer(nn.Module):
     # -- math ------------------------------------------------------------------------------
     def _scaled_delta(self, adapter: AdapterWeights, strength: float, training: bool) -> torch.Tensor:
         weight = self.base_layer.weight
-        delta = adapter.delta_weight(weight)
+        dora = adapter.dora_scale is not None
+        # DoRA normalises the alpha-scaled delta and applies the strength afterwards
+        delta = adapter.delta_weight(weight, adapter.scale * (1.0 if dora else strength))
         if training and adapter.rank_dropout > 0:
             delta = delta * self._row_mask(adapter, delta).view(-1, *(1,) * (delta.dim() - 1))
-        delta = delta * adapter.scale
-        if adapter.dora_scale is not None:
+        if dora:
             return apply_dora(weight.float(), delta, adapter.dora_scale.float(), strength, adapter.dora_semantics)
-        return delta * strength
+        return delta
 
     @staticmethod
     def _row_mask(adapter: AdapterWeights, like: torch.Tensor) -> torch.Tensor:
@@ -227,7 +228,12 @@ class AdapterLayer(nn.Module):
         total = None
         for name in names:
             delta = self._scaled_delta(self.adapters[name], self.strengths[name] * strength_scale, training)
-            total = delta if total is None else total + delta
+            if total is None:
+                total = delta
+            elif torch.is_grad_enabled():
+                total = total + delta
+            else:
+                total.add_(delta)  # no graph to keep: accumulate without another weight-sized tensor
         return total
 
     def merged_bias_delta(self, names, strength_scale: float = 1.0) -> torch.Tensor | None:
@@ -379,21 +385,26 @@ class AdapterLayer(nn.Module):
             names = self.merged_adapters + names
             self.unmerge()
         base = self.base_layer
-        weight, bias = self._effective_params(names, training=False, strength_scale=scale)
-        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+        delta = self.merged_delta(names, False, scale)
+        bias_delta = self.merged_bias_delta(names, scale)
+        if not torch.isfinite(delta).all() or (bias_delta is not None and not torch.isfinite(bias_delta).all()):
             raise ValueError(
-                f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
+                f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(delta.shape)}); "
                 "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
-        if bias is not None and base.bias is None:
+        if bias_delta is not None and base.bias is None:
             raise ValueError(f"adapters {names} add a bias to a layer that has none; they cannot be fused, "
                              "use them unfused")
         if self._weight_backup is None:
             # Kept on the CPU, as A1111 and ComfyUI do, so fusing costs no accelerator memory.
             self._weight_backup = base.weight.detach().to("cpu", copy=True)
             self._bias_backup = None if base.bias is None else base.bias.detach().to("cpu", copy=True)
-        base.weight.copy_(weight)
-        if bias is not None:
-            base.bias.copy_(bias)
+        for param, change in ((base.weight, delta), (base.bias, bias_delta)):
+            if change is None:
+                continue
+            if param.dtype == torch.float32:
+                param.add_(change)
+            else:  # one rounding: sum in fp32, then cast
+                param.copy_(change.add_(param.float()))
         self.merged_adapters = names
         self._invalidate()
 

@@ -26,9 +26,9 @@ def scale(params, alpha) -> float:
     return 1.0
 
 
-def delta_weight(params, weight, **_) -> torch.Tensor:
-    """The stored diff as a new fp32 tensor shaped like ``weight`` (never a view of ``params``)."""
-    return params["diff"].to(torch.float32, copy=True).reshape(weight.shape)
+def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
+    """scale * the stored diff as a new fp32 tensor shaped like ``weight`` (never a view of ``params``)."""
+    return params["diff"].to(torch.float32).mul(scale).reshape(weight.shape)
 
 
 def delta_bias(params, bias) -> torch.Tensor | None:

@@ -39,13 +39,13 @@ def on_input(params) -> bool:
     return "on_input" in params and as_float_scalar(params["on_input"]) != 0
 
 
-def delta_weight(params, weight, **_) -> torch.Tensor:
+def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     """dW = W * w in fp32, w along dim 1 (input) with ``on_input``, else along dim 0 (output)."""
     base = weight.float()
     axis = 1 if on_input(params) else 0
     factor_shape = [1] * base.dim()
     factor_shape[axis] = base.shape[axis]
-    return base * params["weight"].float().reshape(factor_shape)
+    return base * (params["weight"].float() * scale).reshape(factor_shape)
 
 
 def check_shapes(params, weight_shape) -> str | None:

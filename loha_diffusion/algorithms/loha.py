@@ -70,7 +70,7 @@ class HadamardOfProducts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u1, d1, u2, d2):
         ctx.save_for_backward(u1, d1, u2, d2)
-        return (u1 @ d1) * (u2 @ d2)
+        return (u1 @ d1).mul_(u2 @ d2)
 
     @staticmethod
     def backward(ctx, grad):
@@ -80,9 +80,11 @@ class HadamardOfProducts(torch.autograd.Function):
         return g1 @ d1.t(), u1.t() @ g1, g2 @ d2.t(), u2.t() @ g2
 
 
-def delta_weight(params, weight, legacy_tucker: bool = False) -> torch.Tensor:
-    """Unscaled fp32 dW shaped like the target ``weight`` (only its shape is used)."""
+def delta_weight(params, weight, scale: float = 1.0, legacy_tucker: bool = False) -> torch.Tensor:
+    """fp32 scale * dW shaped like the target ``weight`` (only its shape is used); the scale
+    multiplies a small factor, not the weight-sized result."""
     u1, d1 = half_factors(params, 1, legacy_tucker)
+    u1 = u1 * scale
     u2, d2 = half_factors(params, 2, legacy_tucker)
     return HadamardOfProducts.apply(u1, d1, u2, d2).reshape(weight.shape)
 

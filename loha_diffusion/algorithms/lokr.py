@@ -78,10 +78,11 @@ def _w2(params) -> torch.Tensor:
     return w2_a @ w2_b.flatten(1)
 
 
-def delta_weight(params, weight, **_) -> torch.Tensor:
-    """Unscaled fp32 kron(w1, w2) shaped like the target ``weight`` (only its shape is used)."""
+def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
+    """fp32 scale * kron(w1, w2) shaped like the target ``weight`` (only its shape is used);
+    the scale multiplies the small w1, not the result."""
     shape = tuple(weight.shape)
-    w1 = _w1(params)
+    w1 = _w1(params) * scale
     a, c = w1.shape
     b, d = shape[0] // a, shape[1] // c
     w2 = _w2(params).reshape(b, d, *shape[2:])

@@ -50,10 +50,10 @@ def low_rank_factors(params, **_):
     return up, down.flatten(1)
 
 
-def delta_weight(params, weight, **_) -> torch.Tensor:
-    """Unscaled fp32 dW shaped like the target ``weight`` (only its shape is used)."""
+def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
+    """fp32 scale * dW shaped like the target ``weight`` (only its shape is used)."""
     up, down = low_rank_factors(params)
-    return (up @ down).reshape(weight.shape)
+    return ((up * scale) @ down).reshape(weight.shape)
 
 
 def thin_rank(params) -> int:

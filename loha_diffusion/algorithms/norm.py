@@ -27,9 +27,9 @@ def scale(params, alpha) -> float:
     return 1.0
 
 
-def delta_weight(params, weight, **_) -> torch.Tensor:
-    """``w_norm`` as a new fp32 tensor shaped like the norm's ``weight``."""
-    return params["w_norm"].to(torch.float32, copy=True).reshape(weight.shape)
+def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
+    """scale * ``w_norm`` as a new fp32 tensor shaped like the norm's ``weight``."""
+    return params["w_norm"].to(torch.float32).mul(scale).reshape(weight.shape)
 
 
 def delta_bias(params, bias) -> torch.Tensor | None:
