@@ -82,10 +82,13 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
 
 
 def attach(placements: list[Placement], table: KeyTable, adapter_name: str, *, dora_semantics: str = "lycoris",
-           legacy_tucker: bool = False, strengths: dict[str, float] | None = None) -> list[AdapterLayer]:
+           legacy_tucker: bool = False, strengths: dict[str, float] | None = None,
+           progress: bool = False) -> list[AdapterLayer]:
     """Insert the planned adapters; ``strengths`` maps component -> initial strength."""
+    from tqdm.auto import tqdm
+
     built = []
-    for placement in placements:
+    for placement in tqdm(placements, desc="modules", unit="module", disable=not progress):
         module = placement.module
         weights = AdapterWeights(module.algorithm.NAME, module.tensors, module.alpha, legacy_tucker=legacy_tucker,
                                  dora_scale=module.dora_scale, dora_semantics=dora_semantics,

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
 
             out = convert(args.source, args.destination, args.to, base_model=args.base_model, family=args.family,
                           as_lora_exact=args.as_lora, approximate_rank=args.approximate_rank,
-                          save_dtype=args.save_precision, allow_pickle=args.allow_pickle)
+                          save_dtype=args.save_precision, allow_pickle=args.allow_pickle,
+                          progress=sys.stderr.isatty())
             print(f"wrote {out}")
     except (AdapterFileError, FileNotFoundError, ValueError) as exc:
         print(f"loha-diffusion: error: {exc}", file=sys.stderr)

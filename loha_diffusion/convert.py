@@ -90,7 +90,7 @@ def _peft_to_kohya_names(tensors, configs, table: KeyTable) -> dict[str, torch.T
 
 
 def load_onto_skeleton(source, base_model=None, family: str | None = None, allow_pickle: bool = False,
-                       allow_unknown_keys: bool = False) -> tuple[dict, str, dict]:
+                       allow_unknown_keys: bool = False, progress: bool = False) -> tuple[dict, str, dict]:
     """(components holding the adapter ``converted``, family, source metadata)."""
     source = Path(source)
     peft = source.is_dir() and any((source / c / "adapter_config.json").is_file() for c in PEFT_COMPONENTS)
@@ -118,7 +118,7 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
         tensors = _peft_to_kohya_names(peft_tensors, configs, table)
     check_finite(tensors, str(source))
     modules, _ = group_modules(tensors, str(source), allow_unknown_keys=allow_unknown_keys)
-    attach(plan(modules, table, str(source), metadata), table, ADAPTER)
+    attach(plan(modules, table, str(source), metadata), table, ADAPTER, progress=progress)
     return components, pipeline_family(components), metadata
 
 
@@ -236,11 +236,12 @@ def write_diffusers_lora(components, adapter_name: str, path, approximate_rank: 
 
 
 def convert(source, destination, to: str, base_model=None, family: str | None = None, as_lora_exact: bool = False,
-            approximate_rank: int | None = None, save_dtype=None, allow_pickle: bool = False) -> Path:
+            approximate_rank: int | None = None, save_dtype=None, allow_pickle: bool = False,
+            progress: bool = False) -> Path:
     """Convert ``source`` (Kohya/LyCORIS file or PEFT folder) to ``to`` = kohya | peft | diffusers."""
     if to not in ("kohya", "peft", "diffusers"):
         raise ValueError(f"to must be 'kohya', 'peft' or 'diffusers', got {to!r}")
-    components, family, metadata = load_onto_skeleton(source, base_model, family, allow_pickle)
+    components, family, metadata = load_onto_skeleton(source, base_model, family, allow_pickle, progress=progress)
     if to == "diffusers":
         return write_diffusers_lora(components, ADAPTER, destination, approximate_rank)
     if as_lora_exact or (to == "peft" and approximate_rank is not None):
