@@ -19,6 +19,7 @@ from torch import nn
 
 from .algorithms import get_algorithm
 from .algorithms.dora import apply_dora
+from .io import all_finite
 
 # Layers an adapter can be trained on, and the wider set community files patch (``full`` diffs
 # on token embeddings, ``norm`` on LayerNorm/GroupNorm).
@@ -387,7 +388,7 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         delta = self.merged_delta(names, False, scale)
         bias_delta = self.merged_bias_delta(names, scale)
-        if not torch.isfinite(delta).all() or (bias_delta is not None and not torch.isfinite(bias_delta).all()):
+        if not all_finite(delta) or (bias_delta is not None and not all_finite(bias_delta)):
             raise ValueError(
                 f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(delta.shape)}); "
                 "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
