@@ -96,7 +96,8 @@ def test_fuse_unfuse_and_unload_are_bit_exact(pipe, tmp_path):
     state, _ = make_file_tensors(pipe, ["loha", "lokr", "full"])
     pipe.load_loha_weights(write(tmp_path, state))
     pipe.fuse_loha(scale=0.7)
-    assert not torch.equal(pipe.unet.conv_in.weight, before["unet.conv_in.weight"]) or True
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert not torch.equal(pipe.unet.get_submodule(q).base_layer.weight, before[f"unet.{q}.weight"])  # fused
     pipe.unfuse_loha()
     pipe.fuse_loha()
     pipe.unfuse_loha()
