@@ -9,7 +9,8 @@ Implementations, side by side in one process (each on its own deep copy of the s
 
 A step: text encoder forward on fixed token ids (batch 2 x 77), UNet forward on noisy latents
 (2 x 4 x 32 x 32) at random timesteps, MSE against the noise, backward, AdamW(lr=1e-4) step,
-zero_grad. fp32, train mode. Timing: one warm-up step each, then ``--rounds`` rounds of one step
+zero_grad. The AdamW variant is the same for every implementation: ``--optimizer fused`` (the
+default, what train_scripts/train_loha_sd.py uses), ``foreach`` or ``loop`` (torch's CPU default). fp32, train mode. Timing: one warm-up step each, then ``--rounds`` rounds of one step
 per implementation (the starting implementation rotates each round); the median is reported.
 The machine's cores may be shared: each timed step first waits (``--idle-wait``) for other
 processes to go idle and is re-run (``--retries``) if they were busy during it; the CPU cores
@@ -49,6 +50,8 @@ ALPHA = 8
 LR = 1e-4
 BATCH = 2
 CONTENDED_CORES = 0.25  # other processes' CPU use (in cores) that marks a step as contended
+OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+optimizer_variant = "fused"
 NAMES = ("loha_diffusion", "peft_loha", "peft_lora", "lycoris_loha", "no_adapter")
 
 
@@ -198,7 +201,7 @@ def build_impl(name: str, unet, text_encoder, seed: int) -> Impl:
         impl = BUILDERS[name](unet, text_encoder)
     impl.text_encoder.train()
     impl.unet.train()
-    impl.optimizer = torch.optim.AdamW(impl.params, lr=LR)
+    impl.optimizer = torch.optim.AdamW(impl.params, lr=LR, **OPTIMIZERS[optimizer_variant])
     return impl
 
 
@@ -336,7 +339,7 @@ def measure_memory(name: str) -> dict:
 
 
 def memory_in_subprocess(name: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name]
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name, "--optimizer", optimizer_variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY_JSON "):
@@ -364,8 +367,12 @@ def main(argv=None) -> int:
                              "(0: do not wait)")
     parser.add_argument("--retries", type=int, default=2,
                         help="re-run a timed step up to this many times when other processes were busy during it")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="fused",
+                        help="AdamW variant used for every implementation (default: fused, as the trainer)")
     parser.add_argument("--measure-memory", default=None, metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global optimizer_variant
+    optimizer_variant = args.optimizer
 
     if args.measure_memory:
         if args.measure_memory not in NAMES:
@@ -491,7 +498,7 @@ def main(argv=None) -> int:
                      "trainable_params": impl.n_trainable, "adapted_modules": c["unet"] + c["text_encoder"],
                      "adapted_unet": c["unet"], "adapted_text_encoder": c["text_encoder"], "losses": losses[name]})
 
-    print(f"\nmedian of {args.rounds} rounds, batch {BATCH}, 32x32 latents, 77 tokens, {threads} threads, fp32; "
+    print(f"\nmedian of {args.rounds} rounds, batch {BATCH}, 32x32 latents, 77 tokens, {threads} threads, fp32, AdamW {optimizer_variant}; "
           f"load average now {os.getloadavg()[0]:.2f}")
     header = (f"{'implementation':15s} {'s/step':>8s} {'other':>5s} {'/PEFT LoHa':>10s} {'/PEFT LoRA':>10s} "
               f"{'peak MiB':>9s} {'trainable':>11s} {'modules':>8s}")

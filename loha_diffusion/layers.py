@@ -19,6 +19,7 @@ from torch import nn
 
 from .algorithms import get_algorithm
 from .algorithms.dora import apply_dora
+from .fused import MergedAdapterOp, ThinAdapterOp, op_spec
 from .io import all_finite
 
 # Layers an adapter can be trained on, and the wider set community files patch (``full`` diffs
@@ -83,9 +84,24 @@ class AdapterWeights(nn.Module):
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
-        owners = {name: name.rpartition(".") for name in self.tensor_names}
-        return {name: getattr(self.get_submodule(owner) if owner else self, leaf)
-                for name, (owner, _, leaf) in owners.items()}
+        # Read through the holders each time (a load may replace a Parameter object); the
+        # holder modules themselves never change. This runs on every training forward.
+        return {name: getattr(holder, leaf) for name, holder, leaf in self._tensor_slots()}
+
+    def _tensor_slots(self):
+        slots = self.__dict__.get("_slots")
+        if slots is None:
+            slots = []
+            for name in self.tensor_names:
+                owner, _, leaf = name.rpartition(".")
+                slots.append((name, self.get_submodule(owner) if owner else self, leaf))
+            self.__dict__["_slots"] = slots
+        return slots
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(getattr(holder, leaf).requires_grad for _, holder, leaf in self._tensor_slots()) or (
+            self.dora_scale is not None and self.dora_scale.requires_grad)
 
     @property
     def rank(self) -> int | None:
@@ -93,7 +109,23 @@ class AdapterWeights(nn.Module):
 
     @property
     def is_materialized(self) -> bool:
-        return not any(p.is_meta for p in self.parameters())
+        # Adapter tensors are created and loaded all together, so the first one tells.
+        _, holder, leaf = self._tensor_slots()[0]
+        return not getattr(holder, leaf).is_meta
+
+    @property
+    def dtype(self) -> torch.dtype:
+        _, holder, leaf = self._tensor_slots()[0]
+        return getattr(holder, leaf).dtype
+
+    @property
+    def supports_fused(self) -> bool:
+        """``fused_factors`` exists: the single-node ops of ``loha_diffusion.fused`` apply."""
+        return hasattr(self.algorithm, "fused_factors") and self.supports_thin_path
+
+    def fused_factors(self):
+        """(kind, factors) in the layout ``loha_diffusion.fused`` takes."""
+        return self.algorithm.fused_factors(self.params, legacy_tucker=self.legacy_tucker)
 
     @property
     def supports_thin_path(self) -> bool:
@@ -149,6 +181,8 @@ class AdapterLayer(nn.Module):
         self._bias_backup: torch.Tensor | None = None
         self._cache_key = None
         self._cached_params = None
+        self._thin_choice: dict = {}  # call signature -> thin path or merged weight
+        self._op_spec = op_spec(base_layer)  # None where the fused ops cannot run this layer
 
     # -- the base layer's surface, so code that reads ``layer.weight`` keeps working -------
     @property
@@ -204,6 +238,7 @@ class AdapterLayer(nn.Module):
     def _invalidate(self) -> None:
         self._cache_key = None
         self._cached_params = None
+        self._thin_choice = {}
 
     # -- math ------------------------------------------------------------------------------
     def _scaled_delta(self, adapter: AdapterWeights, strength: float, training: bool) -> torch.Tensor:
@@ -350,16 +385,46 @@ class AdapterLayer(nn.Module):
         names = self._live_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
-        stochastic = self.training and any(
-            self.adapters[n].rank_dropout > 0 or self.adapters[n].module_dropout > 0 for n in names)
-        needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for n in names for p in self.adapters[n].parameters())
+        adapters = [self.adapters[n] for n in names]
+        stochastic = self.training and any(a.rank_dropout > 0 or a.module_dropout > 0 for a in adapters)
+        needs_grad = torch.is_grad_enabled() and any(a.requires_grad for a in adapters)
         if not needs_grad and not stochastic:
             return self._run_base(x, *self._cached_effective_params(names))
-        if self._prefers_thin_path(x, names, needs_grad):
+        key = (tuple(x.shape), x.dtype, tuple(names), needs_grad)
+        thin = self._thin_choice.get(key)
+        if thin is None:
+            thin = self._thin_choice[key] = self._prefers_thin_path(x, names, needs_grad)
+        spec = self._fused_spec(x, adapters)
+        if spec is not None:
+            return self._fused_forward(x, spec, names[0], thin)
+        if thin:
             y = self.base_layer(x, *args, **kwargs)
             return y + self._thin_output(x, names, self.training).to(y.dtype)
         return self._run_base(x, *self._effective_params(names, self.training))
+
+    def _fused_spec(self, x, adapters):
+        """The ``fused.OpSpec`` if this call can run as one fused autograd node, else None."""
+        if len(adapters) != 1 or self._op_spec is None:
+            return None
+        weight = self.base_layer.weight
+        if not (x.dtype == weight.dtype == adapters[0].dtype == torch.float32) or \
+                torch.is_autocast_enabled(x.device.type):
+            return None  # reduced or mixed precision: the general path casts where needed
+        if not adapters[0].supports_fused:
+            return None
+        if self._op_spec.dims and x.dim() != self._op_spec.dims + 2:
+            return None  # unbatched conv input
+        return self._op_spec
+
+    def _fused_forward(self, x, spec, name: str, thin: bool):
+        adapter = self.adapters[name]
+        kind, factors = adapter.fused_factors()
+        row_scale = adapter.scale * self.strengths[name]
+        if self.training and adapter.rank_dropout > 0:
+            row_scale = self._row_mask(adapter, self.base_layer.weight) * row_scale
+        op = ThinAdapterOp if thin else MergedAdapterOp
+        base = self.base_layer
+        return op.apply(spec, kind, row_scale, x, base.weight, base.bias, *factors)
 
     def _cached_effective_params(self, names):
         weight, bias = self.base_layer.weight, self.base_layer.bias

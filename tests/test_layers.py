@@ -56,10 +56,17 @@ def reference_weight(wrapped, names=("a",)):
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
 @pytest.mark.parametrize("algo,tucker", [("loha", False), ("loha", True), ("lora", False), ("lora", True)])
 @pytest.mark.parametrize("path", ["thin", "merged"])
-def test_forward_and_gradients_equal_reference(kind, algo, tucker, path, monkeypatch):
+@pytest.mark.parametrize("route", ["fused", "general"])
+def test_forward_and_gradients_equal_reference(kind, algo, tucker, path, route, monkeypatch):
     wrapped = wrap(make_layer(kind), algo, tucker)
     wrapped.base_layer.requires_grad_(False)
     monkeypatch.setattr(AdapterLayer, "_prefers_thin_path", lambda self, *a: path == "thin")
+    used = []
+    if route == "general":  # what several adapters, DoRA or mixed precision take
+        monkeypatch.setattr(AdapterLayer, "_fused_spec", lambda self, *a: None)
+    else:
+        original = AdapterLayer._fused_forward
+        monkeypatch.setattr(AdapterLayer, "_fused_forward", lambda self, *a: used.append(1) or original(self, *a))
     x = make_input(kind)
     out = wrapped(x)
     reference_params = {k: v.detach().clone().double().requires_grad_() for k, v in wrapped.adapters["a"].params.items()}
@@ -75,6 +82,7 @@ def test_forward_and_gradients_equal_reference(kind, algo, tucker, path, monkeyp
     for name, param in wrapped.adapters["a"].params.items():
         torch.testing.assert_close(param.grad.double(), reference_params[name].grad, rtol=1e-4, atol=1e-4)
     assert base.weight.grad is None and base.bias.grad is None
+    assert bool(used) == (route == "fused")
 
 
 def test_cost_model_picks_thin_for_few_tokens_and_merged_for_many():

@@ -13,7 +13,8 @@ Every algorithm module (loha, lora, lokr, full, norm, ia3) offers, on a dict ``p
 * ``check_shapes(params, weight_shape)``: None, or a one-line reason why they do not fit;
 * ``delta_bias(params, bias)`` where a file can change the bias (full, norm); absent = None;
 * for the low-rank ones (loha, lora): ``low_rank_factors(params)`` (an exact (up, down) pair),
-  ``thin_rank`` and ``build_cost``; for the trainable ones (loha, lora, lokr): ``init_params``.
+  ``fused_factors(params)`` (the factor layout ``loha_diffusion.fused`` takes), ``thin_rank``
+  and ``build_cost``; for the trainable ones (loha, lora, lokr): ``init_params``.
 
 ``dora.py`` applies a ``dora_scale`` on top of any delta; ``unsupported.py`` names algorithms
 (GLoRA, OFT/BOFT, T-LoRA, ...) that loaders must refuse rather than skip.

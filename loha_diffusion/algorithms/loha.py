@@ -94,6 +94,11 @@ def low_rank_factors(params, legacy_tucker: bool = False):
     return khatri_rao_pair(*half_factors(params, 1, legacy_tucker), *half_factors(params, 2, legacy_tucker))
 
 
+def fused_factors(params, legacy_tucker: bool = False):
+    """The layout ``fused`` ops take: ("hadamard", (u1, d1, u2, d2)) with dW = (u1 @ d1) * (u2 @ d2)."""
+    return "hadamard", (*half_factors(params, 1, legacy_tucker), *half_factors(params, 2, legacy_tucker))
+
+
 def thin_rank(params) -> int:
     return rank(params) ** 2
 

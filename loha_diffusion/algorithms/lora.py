@@ -56,6 +56,11 @@ def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     return ((up * scale) @ down).reshape(weight.shape)
 
 
+def fused_factors(params, **_):
+    """The layout ``fused`` ops take: ("product", (up, down)) with dW = up @ down."""
+    return "product", low_rank_factors(params)
+
+
 def thin_rank(params) -> int:
     return rank(params)
 

@@ -1,0 +1,216 @@
+"""The frozen base op and one adapter as a single autograd node, forward and backward by hand.
+
+A training step runs every adapted layer hundreds of times per second on small tensors, where
+autograd bookkeeping and Python dispatch cost as much as the arithmetic. Here each layer is one
+node whose backward computes exactly the gradients that are needed, from the factors:
+
+* ``ThinAdapterOp``:   y = base(x) + up(down(x)), the adapter as an exact low-rank pair beside
+  the base matmul (rank r for LoRA, the rank-r1*r2 Khatri-Rao pair for LoHa);
+* ``MergedAdapterOp``: y = base(x; W + dW), one matmul with the merged weight; dW is rebuilt from
+  the factors in backward instead of being saved, so a layer keeps no weight-sized activation.
+
+Two factor layouts are handled (``kind``):
+* ``"product"``  (up (out, R), down (R, in)):          dW = up @ down                (LoRA)
+* ``"hadamard"`` (u1, d1, u2, d2), each pair rank r:   dW = (u1 @ d1) * (u2 @ d2)    (LoHa)
+``row_scale`` (a float, or an (out,) tensor when rank dropout masks output rows) multiplies
+the rows of dW; it is folded into the first up factor, never into a weight-sized tensor.
+
+The layer (``layers.AdapterLayer``) uses these ops only where they apply exactly: one adapter,
+nn.Linear or an ungrouped zero-padded nn.Conv1d/nn.Conv2d, one dtype throughout, no autocast.
+Everything else takes the general autograd path, which computes the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """How the base layer applies a weight: ``linear``, or a conv with these settings."""
+    dims: int = 0  # 0 for nn.Linear, 1 or 2 for convolutions
+    stride: tuple = ()
+    padding: tuple = ()
+    dilation: tuple = ()
+
+
+def op_spec(base: nn.Module) -> OpSpec | None:
+    """The spec of ``base`` if the fused ops can run it, else None."""
+    if isinstance(base, nn.Linear):
+        return OpSpec()
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            return None
+        return OpSpec(2 if isinstance(base, nn.Conv2d) else 1, tuple(base.stride), tuple(base.padding),
+                      tuple(base.dilation))
+    return None
+
+
+def _apply(spec: OpSpec, x, weight, bias=None):
+    if spec.dims == 0:
+        return F.linear(x, weight, bias)
+    conv = F.conv2d if spec.dims == 2 else F.conv1d
+    return conv(x, weight, bias, spec.stride, spec.padding, spec.dilation)
+
+
+def _apply_backward(spec: OpSpec, grad, x, weight, mask):
+    """(grad x, grad weight, grad bias) of ``_apply``, each None unless asked for in ``mask``."""
+    need_x, need_w, need_b = mask
+    if spec.dims == 0:
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        gx = (grad @ weight) if need_x else None
+        gw = (grad2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None
+        gb = grad2.sum(0) if need_b else None
+        return gx, gw, gb
+    if not (need_x or need_w or need_b):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if need_b else None, list(spec.stride), list(spec.padding),
+        list(spec.dilation), False, [0] * spec.dims, 1, [need_x, need_w, need_b])
+
+
+def _scale_rows(t: torch.Tensor, row_scale) -> torch.Tensor:
+    if isinstance(row_scale, torch.Tensor):
+        return t * row_scale.unsqueeze(1)
+    return t if row_scale == 1.0 else t * row_scale  # alpha == rank at strength 1 is common
+
+
+# -- factor layouts ------------------------------------------------------------------------
+def thin_pair(kind: str, factors, row_scale):
+    """(up (out, R), down (R, in)) with up @ down == row_scale * dW."""
+    if kind == "product":
+        up, down = factors
+        return _scale_rows(up, row_scale), down
+    u1, d1, u2, d2 = factors
+    up = (_scale_rows(u1, row_scale).unsqueeze(2) * u2.unsqueeze(1)).flatten(1)
+    down = (d1.unsqueeze(1) * d2.unsqueeze(0)).flatten(0, 1)
+    return up, down
+
+
+def thin_pair_grads(kind: str, g_up, g_down, factors, row_scale):
+    """Gradients of the factors from those of the pair built by ``thin_pair``."""
+    if kind == "product":
+        return _scale_rows(g_up, row_scale), g_down
+    u1, d1, u2, d2 = factors
+    r1, r2 = u1.shape[1], u2.shape[1]
+    g_up3 = g_up.view(-1, r1, r2)
+    g_down3 = g_down.view(r1, r2, -1)
+    g_u1 = _scale_rows(torch.bmm(g_up3, u2.unsqueeze(2)).squeeze(2), row_scale)
+    g_u2 = torch.bmm(g_up3.transpose(1, 2), _scale_rows(u1, row_scale).unsqueeze(2)).squeeze(2)
+    g_d1 = (g_down3 * d2.unsqueeze(0)).sum(1)
+    g_d2 = (g_down3 * d1.unsqueeze(1)).sum(0)
+    return g_u1, g_d1, g_u2, g_d2
+
+
+def merged_weight(kind: str, weight, factors, row_scale):
+    """(W + row_scale * dW, the products ``merged_weight_grads`` needs); W keeps its shape."""
+    flat = weight.view(weight.shape[0], -1)
+    if kind == "product":
+        up, down = factors
+        scaled_up = _scale_rows(up, row_scale)
+        return torch.addmm(flat, scaled_up, down).view(weight.shape), (scaled_up,)
+    u1, d1, u2, d2 = factors
+    first, second = u1 @ d1, u2 @ d2
+    if isinstance(row_scale, torch.Tensor):
+        merged = torch.addcmul(flat, _scale_rows(first, row_scale), second)
+    else:  # addcmul applies the scalar scale in the same pass
+        merged = torch.addcmul(flat, first, second, value=row_scale)
+    return merged.view(weight.shape), (first, second)
+
+
+def merged_weight_grads(kind: str, g_delta, factors, row_scale, saved):
+    """Factor gradients from the gradient of the merged weight (flattened); may overwrite ``g_delta``."""
+    if kind == "product":
+        up, down = factors
+        (scaled_up,) = saved
+        return _scale_rows(g_delta @ down.t(), row_scale), scaled_up.t() @ g_delta
+    u1, d1, u2, d2 = factors
+    first, second = saved
+    g_delta = _scale_rows(g_delta, row_scale)
+    g_first = g_delta * second
+    g_second = g_delta.mul_(first)
+    return g_first @ d1.t(), u1.t() @ g_first, g_second @ d2.t(), u2.t() @ g_second
+
+
+# -- the two ops -----------------------------------------------------------------------------
+class ThinAdapterOp(torch.autograd.Function):
+    """base(x) + row_scale * x -> down -> up, as one node."""
+
+    @staticmethod
+    def forward(ctx, spec: OpSpec, kind: str, row_scale, x, weight, bias, *factors):
+        up, down = thin_pair(kind, factors, row_scale)
+        y = _apply(spec, x, weight, bias)
+        if spec.dims == 0:
+            hidden = x.reshape(-1, x.shape[-1]) @ down.t()
+            y.view(-1, y.shape[-1]).addmm_(hidden, up.t())
+        else:
+            hidden = _apply(spec, x, down.view(down.shape[0], *weight.shape[1:]))
+            n = y.shape[0]
+            y.view(n, y.shape[1], -1).baddbmm_(up.expand(n, -1, -1), hidden.view(n, hidden.shape[1], -1))
+        ctx.spec, ctx.kind = spec, kind
+        ctx.row_scale = row_scale  # a float or a mask tensor that takes no gradient
+        ctx.save_for_backward(x, weight, hidden, up, down, *factors)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        spec = ctx.spec
+        x, weight, hidden, up, down, *factors = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[3:6]
+        need_factors = any(ctx.needs_input_grad[6:])
+        grad = grad.contiguous()
+        gx, gw, gb = _apply_backward(spec, grad, x, weight, (need_x, need_w, need_b))
+        factor_grads = [None] * len(factors)
+        if spec.dims == 0:
+            grad2 = grad.view(-1, grad.shape[-1])
+            g_hidden = grad2 @ up
+            if need_x:
+                gx.view(-1, gx.shape[-1]).addmm_(g_hidden, down)
+            if need_factors:
+                g_up = grad2.t() @ hidden
+                g_down = g_hidden.t() @ x.reshape(-1, x.shape[-1])
+        else:
+            n = grad.shape[0]
+            grad3 = grad.view(n, grad.shape[1], -1)
+            hidden3 = hidden.view(n, hidden.shape[1], -1)
+            g_hidden = torch.matmul(up.t(), grad3).view(hidden.shape)
+            if need_x or need_factors:
+                down_kernel = down.view(down.shape[0], *weight.shape[1:])
+                gx_down, g_down_kernel, _ = _apply_backward(spec, g_hidden, x, down_kernel, (need_x, need_factors, False))
+                if need_x:
+                    gx.add_(gx_down)
+            if need_factors:
+                g_up = torch.matmul(grad3, hidden3.transpose(1, 2)).sum(0)
+                g_down = g_down_kernel.view(down.shape)
+        if need_factors:
+            factor_grads = thin_pair_grads(ctx.kind, g_up, g_down, factors, ctx.row_scale)
+        return (None, None, None, gx, gw, gb, *factor_grads)
+
+
+class MergedAdapterOp(torch.autograd.Function):
+    """base(x; W + row_scale * dW) as one node; dW is rebuilt in backward, not saved."""
+
+    @staticmethod
+    def forward(ctx, spec: OpSpec, kind: str, row_scale, x, weight, bias, *factors):
+        merged, _ = merged_weight(kind, weight, factors, row_scale)
+        ctx.spec, ctx.kind, ctx.row_scale = spec, kind, row_scale
+        ctx.save_for_backward(x, weight, *factors)
+        return _apply(spec, x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *factors = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[3:6]
+        need_factors = any(ctx.needs_input_grad[6:])
+        merged, saved = merged_weight(ctx.kind, weight, factors, ctx.row_scale)
+        gx, g_merged, gb = _apply_backward(ctx.spec, grad.contiguous(), x, merged,
+                                           (need_x, need_w or need_factors, need_b))
+        factor_grads = [None] * len(factors)
+        if need_factors:
+            g_delta = g_merged.reshape(weight.shape[0], -1)
+            factor_grads = merged_weight_grads(ctx.kind, g_delta.clone() if need_w else g_delta, factors,
+                                               ctx.row_scale, saved)
+        return (None, None, None, gx, g_merged if need_w else None, gb, *factor_grads)
