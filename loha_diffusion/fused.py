@@ -214,3 +214,53 @@ class MergedAdapterOp(torch.autograd.Function):
             factor_grads = merged_weight_grads(ctx.kind, g_delta.clone() if need_w else g_delta, factors,
                                                ctx.row_scale, saved)
         return (None, None, None, gx, g_merged if need_w else None, gb, *factor_grads)
+
+
+# -- fusing into the weights (no autograd) -------------------------------------------------------
+_BLOCK_ELEMENTS = 1 << 17  # rows per block such that a block of each rank-r product stays in cache
+
+
+@torch.no_grad()
+def fused_weight(kind: str, weight: torch.Tensor, factors, scale: float) -> torch.Tensor:
+    """A new tensor W + scale * dW, like ``weight`` (dtype, device, shape), summed in fp32.
+
+    Built in blocks of rows: the rank-r products of a block are formed in small reused
+    buffers, still in cache when ``addcmul``/``addmm`` adds them to W, so memory traffic is one
+    read of W and one write of the result instead of several weight-sized temporaries.
+    """
+    n_out = weight.shape[0]
+    flat_in = weight[0].numel()
+    source = weight.reshape(n_out, flat_in)
+    result = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    target = result.view(n_out, flat_in)
+    rows = max(1, min(n_out, _BLOCK_ELEMENTS // max(flat_in, 1)))
+    as_fp32 = weight.dtype != torch.float32
+    first = torch.empty(rows, flat_in, device=weight.device)
+    second = torch.empty(rows, flat_in, device=weight.device) if kind == "hadamard" else None
+    staging = torch.empty(rows, flat_in, device=weight.device) if as_fp32 else None
+    for start in range(0, n_out, rows):
+        stop = min(start + rows, n_out)
+        n = stop - start
+        out = staging[:n] if as_fp32 else target[start:stop]
+        base = source[start:stop].float() if as_fp32 else source[start:stop]
+        if kind == "hadamard":
+            u1, d1, u2, d2 = factors
+            torch.mm(u1[start:stop], d1, out=first[:n])
+            torch.mm(u2[start:stop], d2, out=second[:n])
+            torch.addcmul(base, first[:n], second[:n], value=scale, out=out)
+        else:
+            up, down = factors
+            torch.addmm(base, up[start:stop], down, alpha=scale, out=out)
+        if as_fp32:
+            target[start:stop].copy_(out)  # one rounding to the weight's dtype
+    return result
+
+
+def delta_bound(kind: str, factors) -> float:
+    """An upper bound of max |dW| from the factors alone (inf or nan if a factor is not finite)."""
+    def pair(up, down):
+        return float(up.abs().sum(1).max()) * float(down.abs().max())
+    if kind == "hadamard":
+        u1, d1, u2, d2 = factors
+        return pair(u1, d1) * pair(u2, d2)
+    return pair(*factors)

@@ -19,13 +19,15 @@ from torch import nn
 
 from .algorithms import get_algorithm
 from .algorithms.dora import apply_dora
-from .fused import MergedAdapterOp, ThinAdapterOp, op_spec
+from .fused import MergedAdapterOp, ThinAdapterOp, delta_bound, fused_weight, op_spec
 from .io import all_finite
 
 # Layers an adapter can be trained on, and the wider set community files patch (``full`` diffs
 # on token embeddings, ``norm`` on LayerNorm/GroupNorm).
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOADABLE_LAYERS = (*SUPPORTED_LAYERS, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+# |dW| below this cannot overflow fp32 or bf16 when added to any sane weight.
+_SAFE_DELTA = 1e30
 
 
 class AdapterWeights(nn.Module):
@@ -179,6 +181,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._weight_backup: torch.Tensor | None = None
         self._bias_backup: torch.Tensor | None = None
+        self._merged_scale = 1.0
         self._cache_key = None
         self._cached_params = None
         self._thin_choice: dict = {}  # call signature -> thin path or merged weight
@@ -432,56 +435,107 @@ class AdapterLayer(nn.Module):
                weight._version, weight.data_ptr(), weight.dtype, weight.device,
                None if bias is None else (bias._version, bias.data_ptr()))
         if key != self._cache_key:
+            self._cached_params = None  # free the stale copy before building the new one
             with torch.no_grad():
-                self._cached_params = self._effective_params(names, training=False)
+                adapter = self.adapters[names[0]]
+                if len(names) == 1 and adapter.supports_fused:
+                    kind, factors = adapter.fused_factors()
+                    self._cached_params = (fused_weight(kind, weight.detach(), factors,
+                                                        adapter.scale * self.strengths[names[0]]), bias)
+                else:
+                    self._cached_params = self._effective_params(names, training=False)
             self._cache_key = key
         return self._cached_params
 
     # -- merge / unmerge ---------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names=None, scale: float = 1.0) -> None:
-        """Add the adapters' changes (strength x ``scale``) to the base weights once; keep a
-        backup for an exact unmerge."""
+        """Add the adapters' changes (strength x ``scale``) to the base weights once; keep the
+        original weights for an exact unmerge. On error nothing is changed."""
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.adapters and n not in self.merged_adapters]
         if not names:
             return
-        if self.merged_adapters:
+        previous = list(self.merged_adapters)
+        if previous:
             # IA3 and DoRA read the base weight's values: always merge onto the original.
-            names = self.merged_adapters + names
+            names = previous + names
             self.unmerge()
+        try:
+            self._merge_onto_original(names, scale)
+        except Exception:
+            if previous:
+                self._merge_onto_original(previous, self._merged_scale)
+            raise
+
+    def _merge_onto_original(self, names, scale: float) -> None:
         base = self.base_layer
-        delta = self.merged_delta(names, False, scale)
+        weight = base.weight
+        new_weight = self._fused_weight(names, scale)
         bias_delta = self.merged_bias_delta(names, scale)
-        if not all_finite(delta) or (bias_delta is not None and not all_finite(bias_delta)):
-            raise ValueError(
-                f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(delta.shape)}); "
-                "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
         if bias_delta is not None and base.bias is None:
             raise ValueError(f"adapters {names} add a bias to a layer that has none; they cannot be fused, "
                              "use them unfused")
-        if self._weight_backup is None:
-            # Kept on the CPU, as A1111 and ComfyUI do, so fusing costs no accelerator memory.
-            self._weight_backup = base.weight.detach().to("cpu", copy=True)
-            self._bias_backup = None if base.bias is None else base.bias.detach().to("cpu", copy=True)
-        for param, change in ((base.weight, delta), (base.bias, bias_delta)):
-            if change is None:
+        new_bias = None if bias_delta is None else self._add_rounded_once(base.bias.detach(), bias_delta)
+        if new_bias is not None and not all_finite(new_bias):
+            raise ValueError(f"fusing adapters {names} would put NaN/inf into the bias; nothing was changed")
+        # Nothing can fail from here on. On the CPU the original tensors themselves are the
+        # backup (unmerge swaps them back); elsewhere a CPU copy is kept, as A1111 and ComfyUI
+        # do, so that fusing costs no accelerator memory.
+        for param, new in ((weight, new_weight), (base.bias, new_bias)):
+            if new is None:
                 continue
-            if param.dtype == torch.float32:
-                param.add_(change)
-            else:  # one rounding: sum in fp32, then cast
-                param.copy_(change.add_(param.float()))
-        self.merged_adapters = names
+            backup = param.data if param.device.type == "cpu" else param.detach().to("cpu", copy=True)
+            if param is weight:
+                self._weight_backup = backup
+            else:
+                self._bias_backup = backup
+            if param.device.type == "cpu":
+                param.data = new
+            else:
+                param.copy_(new)
+        self.merged_adapters = list(names)
+        self._merged_scale = scale
         self._invalidate()
+
+    def _fused_weight(self, names, scale: float) -> torch.Tensor:
+        """A new tensor: the base weight plus the adapters' changes, checked for NaN/inf."""
+        weight = self.base_layer.weight.detach()
+        adapter = self.adapters[names[0]]
+        if len(names) == 1 and adapter.supports_fused:
+            kind, factors = adapter.fused_factors()
+            factors = [f.detach().float() for f in factors]
+            row_scale = adapter.scale * self.strengths[names[0]] * scale
+            new = fused_weight(kind, weight, factors, row_scale)
+            # A finite bound of |scale * dW| far below the dtype's range proves the result finite
+            # without reading it again; fp16's small range, or an odd bound, gets the full check.
+            bound = abs(row_scale) * delta_bound(kind, factors)
+            if weight.dtype != torch.float16 and bound < _SAFE_DELTA:
+                return new
+            if all_finite(new):
+                return new
+        else:
+            delta = self.merged_delta(names, False, scale)
+            if all_finite(delta):
+                new = self._add_rounded_once(weight, delta)
+                if weight.dtype == torch.float32 or all_finite(new):
+                    return new
+        raise ValueError(
+            f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
+            "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weights bit-exactly from the backup taken at the first merge."""
-        if self._weight_backup is None:
+        """Restore the base weights bit-exactly (the original tensors, or the backup copy)."""
+        if self._weight_backup is None and self._bias_backup is None:
             return
-        self.base_layer.weight.copy_(self._weight_backup)
-        if self._bias_backup is not None:
-            self.base_layer.bias.copy_(self._bias_backup)
+        for param, backup in ((self.base_layer.weight, self._weight_backup), (self.base_layer.bias, self._bias_backup)):
+            if backup is None:
+                continue
+            if backup.device == param.device and backup.dtype == param.dtype and backup.shape == param.shape:
+                param.data = backup
+            else:  # the module was moved (e.g. to an accelerator) while fused
+                param.copy_(backup)
         self._weight_backup = self._bias_backup = None
         self.merged_adapters = []
         self._invalidate()

@@ -168,9 +168,20 @@ def fuse_loha(pipe, adapter_names=None, scale: float = 1.0, components=COMPONENT
     original weights bit-exactly from a backup, and strengths stay as they were.
     """
     names = None if adapter_names is None else _check_known(pipe, adapter_names)
-    for component, _, layer in _layers(pipe):
-        if component in components:
-            layer.merge(names, scale=scale)
+    done = []
+    try:
+        for component, _, layer in _layers(pipe):
+            if component in components:
+                before = (list(layer.merged_adapters), layer._merged_scale)
+                layer.merge(names, scale=scale)
+                done.append((layer, before))
+    except Exception:
+        # All or nothing: put back what this call fused (exactly, from the backups).
+        for layer, (previous, previous_scale) in reversed(done):
+            layer.unmerge()
+            if previous:
+                layer.merge(previous, scale=previous_scale)
+        raise
 
 
 def unfuse_loha(pipe) -> None:

@@ -14,7 +14,7 @@ import loha_diffusion  # noqa: F401  (attaches the pipeline methods)
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
 
-from adapter_files import make_file_tensors, merged_reference
+from adapter_files import make_file_tensors, merged_reference, reference_delta
 from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo of sks dog"
@@ -230,5 +230,42 @@ def test_bf16_pipeline_runs_and_unfuses_exactly(pipe, tmp_path):
     assert np.isfinite(run_tiny_pipeline(pipe, PROMPT)).all()
     pipe.fuse_loha()
     pipe.unfuse_loha()
+    pipe.unload_loha_weights()
+    assert_same_state(pipe, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("algo", ["loha", "lora"])
+def test_fused_weights_equal_the_formula(pipe, tmp_path, monkeypatch, dtype, algo):
+    import loha_diffusion.fused
+    monkeypatch.setattr(loha_diffusion.fused, "_BLOCK_ELEMENTS", 64)  # many row blocks per layer
+    pipe.to(dtype)
+    before = state_of(pipe)
+    state, by_module = make_file_tensors(pipe, algo)
+    name = pipe.load_loha_weights(write(tmp_path, state))
+    pipe.set_loha_adapters([name], weights=0.6)
+    pipe.fuse_loha(scale=0.5)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-4}
+    for (component, path), tensors in by_module.items():
+        fused = getattr(pipe, component).get_submodule(path).base_layer.weight
+        original = before[f"{component}.{path}.weight"].double()
+        expected = original + 0.3 * reference_delta(tensors, original)
+        assert fused.dtype == dtype
+        torch.testing.assert_close(fused.double(), expected, **tolerance)
+    pipe.unfuse_loha()
+    pipe.unload_loha_weights()
+    assert_same_state(pipe, before)
+
+
+def test_failed_fuse_changes_nothing(pipe, tmp_path):
+    before = state_of(pipe)
+    state, _ = make_file_tensors(pipe, "loha")
+    name = pipe.load_loha_weights(write(tmp_path, state))
+    layers = [m for m in pipe.unet.modules() if isinstance(m, AdapterLayer)]
+    with torch.no_grad():  # a factor that overflows fp32 in the last layer fused
+        layers[-1].adapters[name].hada_w1_a.fill_(3e38)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        pipe.fuse_loha()
+    assert all(not layer.merged_adapters for layer in layers)
     pipe.unload_loha_weights()
     assert_same_state(pipe, before)
