@@ -182,6 +182,9 @@ class AdapterLayer(nn.Module):
         self._weight_backup: torch.Tensor | None = None
         self._bias_backup: torch.Tensor | None = None
         self._merged_scale = 1.0
+        # Unfused inference keeps W + dW per layer (one extra copy of the adapted weights);
+        # without it every call applies the adapters again, thin or merged, whichever is cheaper.
+        self.cache_weights = True
         self._cache_key = None
         self._cached_params = None
         self._thin_choice: dict = {}  # call signature -> thin path or merged weight
@@ -391,7 +394,7 @@ class AdapterLayer(nn.Module):
         adapters = [self.adapters[n] for n in names]
         stochastic = self.training and any(a.rank_dropout > 0 or a.module_dropout > 0 for a in adapters)
         needs_grad = torch.is_grad_enabled() and any(a.requires_grad for a in adapters)
-        if not needs_grad and not stochastic:
+        if not needs_grad and not stochastic and self.cache_weights:
             return self._run_base(x, *self._cached_effective_params(names))
         key = (tuple(x.shape), x.dtype, tuple(names), needs_grad)
         thin = self._thin_choice.get(key)

@@ -201,6 +201,24 @@ def enable_loha(pipe) -> None:
         layer.adapters_enabled = True
 
 
+def enable_loha_weight_cache(pipe) -> None:
+    """Unfused inference keeps each adapted layer's effective weight W + dW (the default): one
+    matmul per layer and call, at the memory of one more copy of the adapted weights."""
+    _set_weight_cache(pipe, True)
+
+
+def disable_loha_weight_cache(pipe) -> None:
+    """Unfused inference without that extra copy: each call applies the adapters again, as a
+    thin rank-r^2 path beside the base matmul or a merged weight, whichever costs less."""
+    _set_weight_cache(pipe, False)
+
+
+def _set_weight_cache(pipe, enabled: bool) -> None:
+    for _, _, layer in _layers(pipe):
+        layer.cache_weights = enabled
+        layer._invalidate()
+
+
 def delete_loha_adapters(pipe, adapter_names) -> None:
     names = _check_known(pipe, adapter_names)
     for component, path, layer in list(_layers(pipe)):
@@ -236,7 +254,8 @@ def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str =
 
 PIPELINE_METHODS = {f.__name__: f for f in (
     load_loha_weights, set_loha_adapters, fuse_loha, unfuse_loha, disable_loha, enable_loha,
-    delete_loha_adapters, unload_loha_weights, get_loha_adapters, save_loha_weights)}
+    enable_loha_weight_cache, disable_loha_weight_cache, delete_loha_adapters, unload_loha_weights,
+    get_loha_adapters, save_loha_weights)}
 
 
 def install_pipeline_methods() -> None:

@@ -62,6 +62,10 @@ def test_loaded_adapter_matches_formula_merged_pipeline(pipe, tmp_path, algo):
     image = run_tiny_pipeline(pipe, PROMPT)
     assert np.abs(reference - base_image).max() > 1e-2      # the adapter visibly changes the image
     close_images(image, reference)
+    pipe.disable_loha_weight_cache()          # applied per call instead, thin or merged
+    close_images(run_tiny_pipeline(pipe, PROMPT), reference)
+    assert all(m._cached_params is None for m in pipe.unet.modules() if isinstance(m, AdapterLayer))
+    pipe.enable_loha_weight_cache()
     pipe.fuse_loha()
     close_images(run_tiny_pipeline(pipe, PROMPT), reference)
 
