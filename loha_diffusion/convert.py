@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .algorithms import lokr
 from .algorithms.dora import apply_dora
 from .algorithms.loha import half_factors
 from .attach import attach, plan
@@ -86,6 +87,10 @@ def _peft_to_kohya_names(tensors, configs, table: KeyTable) -> dict[str, torch.T
         for name, path in paths.items():
             alpha = _pattern_value(config.get("alpha_pattern") or {}, path, alpha_default)
             state[f"{name}.alpha"] = torch.tensor(float(alpha))
+            if algorithm == "lokr" and f"{name}.lokr_w1" in state and f"{name}.lokr_w2" in state:
+                # Both halves full: the community rule is scale 1, PEFT's is alpha / r. Bake it in.
+                r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
+                state[f"{name}.lokr_w1"] = state[f"{name}.lokr_w1"] * (float(alpha) / r)
     return state
 
 
@@ -177,6 +182,49 @@ def as_lora(components, adapter_name: str = ADAPTER, approximate_rank: int | Non
 
 
 # -- writers ------------------------------------------------------------------------------------
+def _peft_lokr_factor(modules) -> int:
+    """The ``decompose_factor`` under which PEFT splits every module's dims as the file does.
+
+    PEFT rebuilds LoKr shapes from the config: out = a*b and in = c*d with (a, b) =
+    factorization(out, factor), same for in, and w1 of shape (a, c). One factor serves a whole
+    component, so it must reproduce each module's w1 shape.
+    """
+    from peft.tuners.lokr.layer import factorization
+
+    shapes = [(weight.shape[0], weight.shape[1], lokr.first_factor(adapter.params).shape)
+              for adapter, weight in modules]
+    candidates = [-1] + sorted({d for *_, w1 in shapes for d in w1})
+    for factor in candidates:
+        if all(factorization(out, factor)[0] == w1[0] and factorization(inp, factor)[0] == w1[1]
+               for out, inp, w1 in shapes):
+            return factor
+    raise AdapterFileError(
+        "PEFT's LoKr builds every module's Kronecker split from one decompose_factor; this adapter's modules "
+        f"split their dims in ways no single factor reproduces (w1 shapes {sorted({w for *_, w in shapes})[:6]}); "
+        "keep it in the Kohya format")
+
+
+def _peft_lokr_tensors(adapter: AdapterWeights, weight: torch.Tensor) -> tuple[dict, int, float]:
+    """(community tensors in PEFT's LoKr layout, PEFT r, PEFT alpha) for one module, exact.
+
+    PEFT's layout (decompose_both=False, use_effective_conv2d=False): w1 full (a, c), and w2
+    factorised (b, r) @ (r, d*k*k) when r < max(b, d)/2, else full (b, d, k...). A factorised
+    w1 is multiplied out and a Tucker core folded into w2's down factor (fp32 rounding only).
+    PEFT scales by alpha/r always, so alpha is chosen to give the module's own scale.
+    """
+    params = {k: v.detach() for k, v in adapter.params.items()}
+    b, d = weight.shape[0] // lokr.first_factor(params).shape[0], weight.shape[1] // lokr.first_factor(params).shape[1]
+    tensors = {"lokr_w1": lokr.first_factor(params).contiguous()}
+    pair = lokr.second_factor_pair(params)
+    if pair is not None and pair[0].shape[1] < max(b, d) / 2:
+        r = pair[0].shape[1]
+        tensors.update({"lokr_w2_a": pair[0].contiguous(), "lokr_w2_b": pair[1].contiguous()})
+    else:
+        r = pair[0].shape[1] if pair is not None else max(1, -(-max(b, d) // 2))
+        tensors["lokr_w2"] = lokr.second_factor(params).reshape(b, d, *weight.shape[2:]).contiguous()
+    return tensors, r, adapter.scale * r
+
+
 def write_peft_folder(components, adapter_name: str, folder) -> Path:
     """One PEFT adapter folder per component, loadable by ``PeftModel.from_pretrained``."""
     folder = Path(folder)
@@ -185,25 +233,28 @@ def write_peft_folder(components, adapter_name: str, folder) -> Path:
         by_component.setdefault(component, []).append((path, adapter, weight))
     for component, modules in by_component.items():
         algorithms = {a.algorithm.NAME for _, a, _ in modules}
-        if len(algorithms) != 1 or not algorithms <= {"lora", "loha"} or any(a.dora_scale is not None for _, a, _ in modules):
-            raise AdapterFileError(f"{component}: PEFT holds one algorithm per adapter, LoRA or LoHa without DoRA; "
-                                   f"this adapter has {sorted(algorithms)}{' with DoRA' if any(a.dora_scale is not None for _, a, _ in modules) else ''}")
+        dora = any(a.dora_scale is not None for _, a, _ in modules)
+        if len(algorithms) != 1 or not algorithms <= {"lora", "loha", "lokr"} or dora:
+            raise AdapterFileError(f"{component}: PEFT holds one algorithm per adapter, LoRA, LoHa or LoKr without "
+                                   f"DoRA; this adapter has {sorted(algorithms)}{' with DoRA' if dora else ''}")
         algorithm = algorithms.pop()
+        factor = _peft_lokr_factor([m[1:] for m in modules]) if algorithm == "lokr" else None
         tensors, ranks, alphas = {}, {}, {}
         for path, adapter, weight in modules:
+            ranks[path], alphas[path] = adapter.rank, float(adapter.alpha)
             if algorithm == "lora":
                 up, down = adapter.low_rank_factors()
                 community = _as_lora_tensors(up.detach(), down.detach(), weight.shape)
-            else:  # PEFT's flat LoHa layout; a Tucker core is folded into the _b factor, exactly
+            elif algorithm == "loha":  # PEFT's flat LoHa layout; a Tucker core is folded into the _b factor, exactly
                 (u1, d1), (u2, d2) = (half_factors(adapter.params, i, adapter.legacy_tucker) for i in (1, 2))
                 community = {"hada_w1_a": u1, "hada_w1_b": d1, "hada_w2_a": u2, "hada_w2_b": d2}
+            else:
+                community, ranks[path], alphas[path] = _peft_lokr_tensors(adapter, weight)
             for name, tensor in community.items():
                 tensors[peft_key(path, to_peft_tensor_name(name))] = tensor.detach().float().contiguous()
-            ranks[path] = adapter.rank
-            alphas[path] = float(adapter.alpha)
         r = Counter(ranks.values()).most_common(1)[0][0]
         alpha = Counter(alphas.values()).most_common(1)[0][0]
-        config = {"peft_type": algorithm.upper() if algorithm == "lora" else "LOHA", "r": r,
+        config = {"peft_type": algorithm.upper(), "r": r,
                   "target_modules": sorted(ranks), "exclude_modules": None,
                   "rank_pattern": {exact_module_pattern(p): v for p, v in ranks.items() if v != r},
                   "alpha_pattern": {exact_module_pattern(p): v for p, v in alphas.items() if v != alpha},
@@ -215,6 +266,8 @@ def write_peft_folder(components, adapter_name: str, folder) -> Path:
         else:
             config.update({"alpha": alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
                            "use_effective_conv2d": False, "init_weights": True})
+        if algorithm == "lokr":
+            config.update({"decompose_both": False, "decompose_factor": factor, "rank_dropout_scale": False})
         (folder / component).mkdir(parents=True, exist_ok=True)
         save_state_dict(tensors, folder / component / "adapter_model.safetensors")
         (folder / component / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -56,6 +56,17 @@ def random_module(algo, weight, rank=4, generator=None):
         c, d = factorization(in_dim, -1)
         w2 = rnd(b, d, *kernel)
         return {"lokr_w1": rnd(a, c), "lokr_w2": w2, "alpha": torch.tensor(2.0)}
+    if algo.startswith("lokr_"):  # factorised layouts, rank 2: w2 only, both halves, Tucker w2 on 3x3 convs
+        from peft.tuners.lokr.layer import factorization  # shapes only (PEFT's copy of LyCORIS' split)
+        a, b = factorization(out_dim, -1)
+        c, d = factorization(in_dim, -1)
+        r = 2
+        tensors = {"lokr_w1_a": rnd(a, r), "lokr_w1_b": rnd(r, c)} if algo == "lokr_both" else {"lokr_w1": rnd(a, c)}
+        if algo == "lokr_tucker" and kernel and kernel != (1, 1):
+            tensors.update({"lokr_w2_a": rnd(r, b), "lokr_w2_b": rnd(r, d), "lokr_t2": rnd(r, r, *kernel)})
+        else:
+            tensors.update({"lokr_w2_a": rnd(b, r), "lokr_w2_b": rnd(r, d * (kernel[0] * kernel[1] if kernel else 1))})
+        return {**tensors, "alpha": torch.tensor(3.0)}
     if algo == "full":
         return {"diff": rnd(*weight.shape, std=0.01)}
     raise ValueError(algo)

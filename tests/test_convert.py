@@ -53,6 +53,30 @@ def test_kohya_to_peft_loads_in_peft_and_back(base, tmp_path, algo):
     assert all(torch.equal(original[k], roundtrip[k]) for k in original)
 
 
+def test_lokr_to_peft_loads_in_peft_and_back(base, tmp_path):
+    """Every LoKr layout (both halves full, factorised w2, factorised w1 and w2, Tucker w2) in
+    one file: PEFT's LoKr layers must compute the same images, and so must the file read back."""
+    from peft import PeftModel
+
+    pipe, model = base
+    state, mods = make_file_tensors(pipe, ["lokr", "lokr_w2", "lokr_both", "lokr_tucker"])
+    source = tmp_path / "lokr.safetensors"
+    save_file(state, str(source))
+    reference = run_tiny_pipeline(merged_reference(pipe, mods), PROMPT)
+    assert np.abs(reference - run_tiny_pipeline(pipe, PROMPT)).max() > 1e-2
+    folder = convert(source, tmp_path / "peft", "peft", base_model=model)
+    assert json.loads((folder / "unet" / "adapter_config.json").read_text())["peft_type"] == "LOKR"
+    through_peft = copy.deepcopy(pipe)
+    through_peft.unet = PeftModel.from_pretrained(through_peft.unet, str(folder / "unet"))
+    through_peft.text_encoder = PeftModel.from_pretrained(through_peft.text_encoder, str(folder / "text_encoder"))
+    np.testing.assert_allclose(run_tiny_pipeline(through_peft, PROMPT), reference, atol=2e-3)
+
+    back = convert(folder, tmp_path / "back.safetensors", "kohya", base_model=model)
+    reloaded = copy.deepcopy(pipe)
+    reloaded.load_loha_weights(str(back))
+    np.testing.assert_allclose(run_tiny_pipeline(reloaded, PROMPT), reference, atol=2e-3)
+
+
 @pytest.mark.parametrize("algo", ["loha", "lora"])
 def test_to_diffusers_format_loads_in_plain_diffusers(base, tmp_path, algo):
     pipe, model = base

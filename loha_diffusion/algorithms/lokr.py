@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .common import alpha_scale
+from .common import alpha_scale, tucker_down
 
 NAME = "lokr"
 REQUIRED = ()
@@ -61,31 +61,38 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return m, dim // m
 
 
-def _w1(params) -> torch.Tensor:
+def first_factor(params) -> torch.Tensor:
+    """w1 as an (a, c) fp32 matrix, multiplied out if factorised."""
     if "lokr_w1" in params:
         return params["lokr_w1"].float().flatten(1)
     return params["lokr_w1_a"].float() @ params["lokr_w1_b"].float()
 
 
-def _w2(params) -> torch.Tensor:
-    """The second factor, flattened to (b, d*k...) whatever its stored form."""
+def second_factor_pair(params):
+    """w2 as a low-rank pair (up (b, r), down (r, d*k...)), the Tucker core folded into the
+    down factor; None when w2 is stored full."""
     if "lokr_w2" in params:
-        return params["lokr_w2"].float().flatten(1)
+        return None
     w2_a, w2_b = params["lokr_w2_a"].float(), params["lokr_w2_b"].float()
     if is_tucker(params):
-        core = params["lokr_t2"].float()
-        return torch.einsum("ab...,ap,bq->pq...", core, w2_a, w2_b.flatten(1)).flatten(1)
-    return w2_a @ w2_b.flatten(1)
+        return w2_a.t(), tucker_down(params["lokr_t2"].float(), w2_b)
+    return w2_a, w2_b.flatten(1)
+
+
+def second_factor(params) -> torch.Tensor:
+    """w2 flattened to (b, d*k...) whatever its stored form."""
+    pair = second_factor_pair(params)
+    return params["lokr_w2"].float().flatten(1) if pair is None else pair[0] @ pair[1]
 
 
 def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     """fp32 scale * kron(w1, w2) shaped like the target ``weight`` (only its shape is used);
     the scale multiplies the small w1, not the result."""
     shape = tuple(weight.shape)
-    w1 = _w1(params) * scale
+    w1 = first_factor(params) * scale
     a, c = w1.shape
     b, d = shape[0] // a, shape[1] // c
-    w2 = _w2(params).reshape(b, d, *shape[2:])
+    w2 = second_factor(params).reshape(b, d, *shape[2:])
     return torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(shape)
 
 
