@@ -192,3 +192,86 @@ def test_two_processes_write_one_file(setup, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["loha.safetensors"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert result.stdout.count("Saved the adapter") == 1
+
+
+def cli_command(setup, out, *extra, steps=3):
+    return [sys.executable, str(REPO / "train_scripts" / "train_loha_sd.py"),
+            "--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
+            "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", str(steps),
+            "--output_dir", str(out), "--report_to", "none", *extra]
+
+
+def test_bf16_mixed_precision_keeps_adapters_fp32_and_learns(setup, tmp_path):
+    # its own process: accelerate fixes the precision once per process
+    out = tmp_path / "bf16"
+    result = subprocess.run(cli_command(setup, out, "--mixed_precision", "bf16", "--train_text_encoder",
+                                        "--learning_rate", "2e-3", "--save_precision", "fp32", steps=20),
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = load_file(str(out / "loha.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    pipe = tiny_sd15_pipeline(tmp_path / "tok")
+    pipe._instance = setup / "inst" / "0.png"
+    before = denoising_loss(pipe)
+    pipe.load_loha_weights(out / "loha.safetensors")
+    assert denoising_loss(pipe) < 0.9 * before
+
+
+def test_gradient_checkpointing_changes_memory_not_results(setup, tmp_path, one_thread):
+    flags = ["--train_text_encoder", "--learning_rate", "1e-3", "--rank_dropout", "0.2"]
+    plain = load_file(str(run(setup, tmp_path / "plain", *flags, steps=3) / "loha.safetensors"))
+    ckpt = load_file(str(run(setup, tmp_path / "ckpt", *flags, "--gradient_checkpointing", steps=3)
+                         / "loha.safetensors"))
+    assert plain.keys() == ckpt.keys()
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(setup, tmp_path):
+    out = run(setup, tmp_path / "acc", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--repeats", "4",
+              "--lr_scheduler", "linear", "--learning_rate", "1e-3", steps=3)
+    state = json.loads((out / "checkpoint-2" / "state.json").read_text())
+    assert (state["global_step"], state["micro_step"]) == (2, 4)   # two micro-batches per optimizer step
+    history = json.loads((out / "loss_history.json").read_text())
+    lrs = [h["lr"] for h in history]
+    assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2]              # the scheduler moves once per optimizer step
+
+
+@pytest.mark.parametrize("lr,what", [("1e37", "loss"), ("1e38", "adapter weights")])
+def test_divergence_stops_and_keeps_only_good_checkpoints(setup, tmp_path, caplog, lr, what):
+    # lr 1e37: the first update makes the weights ~1e38 (finite; the next loss is not); lr 1e38:
+    # Adam's first step size lr / (1 - beta1) overflows the weights at once, after a finite loss
+    out = tmp_path / "nan"
+    args = ["--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
+            "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", "6", "--output_dir", str(out),
+            "--report_to", "none", "--checkpointing_steps", "1", "--learning_rate", lr, "--max_grad_norm", "0"]
+    assert main(args) == 3
+    assert f"the {what} became NaN/inf" in caplog.text
+    assert not (out / "loha.safetensors").exists()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == (["checkpoint-1"] if what == "loss" else [])
+    assert all(torch.isfinite(t).all() for c in checkpoints
+               for t in load_file(str(c / "adapters.safetensors")).values())
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(setup, tmp_path):
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "term"
+    proc = subprocess.Popen(cli_command(setup, out, "--checkpointing_steps", "100000", steps=100000),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), b"")), daemon=True)
+    reader.start()
+    deadline = time.time() + 600
+    while b"steps:" not in b"".join(seen) or b"it/s" not in b"".join(seen):  # training has begun
+        assert proc.poll() is None and time.time() < deadline, b"".join(seen)[-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    reader.join(timeout=10)
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapters.safetensors").is_file()
+    assert "resume with --resume_from_checkpoint latest" in b"".join(seen).decode(errors="replace")

@@ -142,7 +142,9 @@ def train(args, instances) -> int:
         model.requires_grad_(False)
         model.to(accelerator.device)
 
-    # adapters are created in fp32 beside the (possibly half-precision) frozen weights
+    # adapters are created in fp32 beside the (possibly half-precision) frozen weights, from
+    # --seed: the same flags give the same run
+    torch.manual_seed(args.seed)
     unet_targets = inject_adapter(unet, adapter_config(args, unet, UNET_PRESETS[args.preset]))
     te_targets = []
     if args.train_text_encoder:
@@ -207,6 +209,13 @@ def train(args, instances) -> int:
     history = []
     scaling = vae.config.scaling_factor
     unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
+
+    def diverged(what: str) -> int:
+        logger.error("%s at step %d (lr %.3g): stopping without saving this state; the last good checkpoint is "
+                     "kept. Lower --learning_rate or --alpha, or use --mixed_precision bf16 instead of fp16.",
+                     what, counters["global_step"], lr_scheduler.get_last_lr()[0])
+        accelerator.end_training()
+        return 3
 
     def checkpoint_now():
         if accelerator.is_main_process:
@@ -278,18 +287,18 @@ def train(args, instances) -> int:
                 bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=accelerator.device),
                                          reduction="sum")
                 if bad.item() > 0:
-                    logger.error("the loss became NaN/inf at step %d (lr %.3g): stopping without saving this state; "
-                                 "the last good checkpoint is kept. Lower --learning_rate or --alpha, or use "
-                                 "--mixed_precision bf16 instead of fp16.", counters["global_step"],
-                                 lr_scheduler.get_last_lr()[0])
-                    accelerator.end_training()
-                    return 3
+                    return diverged("the loss became NaN/inf")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(unet_params + te_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                # an update can overflow while the loss that led to it was finite: never go on
+                # (or checkpoint) from weights that are not
+                if accelerator.sync_gradients and not torch.isfinite(torch.stack(
+                        [torch.linalg.vector_norm(p.detach(), float("inf")) for p in unet_params + te_params])).all():
+                    return diverged("the adapter weights became NaN/inf")
             counters["micro_step"] += 1
             counters["batches_done_in_epoch"] += 1
             if not accelerator.sync_gradients:
