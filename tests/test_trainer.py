@@ -275,3 +275,21 @@ def test_sigterm_saves_a_checkpoint_then_exits(setup, tmp_path):
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapters.safetensors").is_file()
     assert "resume with --resume_from_checkpoint latest" in b"".join(seen).decode(errors="replace")
+
+
+@pytest.mark.parametrize("kind,stage", [("FSDP", None), ("DEEPSPEED", 3), ("DEEPSPEED", 2), ("MULTI_GPU", None)])
+def test_parameter_sharding_is_refused_with_a_clear_message(kind, stage):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from loha_diffusion.training.args import UsageError
+    from loha_diffusion.training.loop import refuse_parameter_sharding
+
+    accelerator = SimpleNamespace(distributed_type=getattr(DistributedType, kind), state=SimpleNamespace(
+        deepspeed_plugin=None if stage is None else SimpleNamespace(zero_stage=stage)))
+    if kind == "FSDP" or stage == 3:
+        with pytest.raises(UsageError, match="--multi_gpu"):
+            refuse_parameter_sharding(accelerator)
+    else:
+        refuse_parameter_sharding(accelerator)  # DDP and ZeRO-1/2 keep whole parameters

@@ -95,6 +95,23 @@ def ensure_class_images(args, accelerator, pipe) -> None:
     accelerator.wait_for_everyone()
 
 
+def refuse_parameter_sharding(accelerator) -> None:
+    """FSDP and DeepSpeed ZeRO-3 split every parameter across processes. The adapter tensors
+    are a few MB and the frozen model is only read, so sharding saves little here, and the
+    checkpoints, validation images and the final file are all made from whole parameters on the
+    main process. Multi-GPU DDP and ZeRO stages 1-2 (optimizer state sharded, parameters whole)
+    keep all of that working."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin is not None
+                                       and plugin.zero_stage == 3):
+        raise UsageError(f"{'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'} shards the parameters, "
+                         "which this trainer does not support; launch with --multi_gpu (DDP) or a DeepSpeed config "
+                         "with zero_stage 1 or 2 instead")
+
+
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -105,10 +122,10 @@ def main(argv=None) -> int:
                                         args.caption_column, args.instance_prompt)
         else:
             instances = load_folder(args.instance_data_dir, args.instance_prompt, "instance")
+        return train(args, instances)
     except UsageError as exc:
         print(f"train_loha_sd.py: error: {exc}", file=sys.stderr)
         return 2
-    return train(args, instances)
 
 
 def train(args, instances) -> int:
@@ -127,6 +144,7 @@ def train(args, instances) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+    refuse_parameter_sharding(accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     started = datetime.datetime.now(datetime.timezone.utc)
 
