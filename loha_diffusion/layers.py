@@ -311,14 +311,18 @@ class AdapterLayer(nn.Module):
         # Sum in fp32 and round once, so a half-precision layer sees one rounding, not two.
         return (base.float() + delta).to(base.dtype)
 
-    def _effective_params(self, names, training: bool, strength_scale: float = 1.0):
-        """(weight, bias) with the adapters ``names`` applied."""
-        weight = self._add_rounded_once(self.base_layer.weight, self.merged_delta(names, training, strength_scale))
+    def _effective_params(self, names, training: bool):
+        """(weight, bias) with the adapters ``names`` applied, differentiable."""
+        weight = self._add_rounded_once(self.base_layer.weight, self.merged_delta(names, training))
+        return weight, self._effective_bias(names)
+
+    def _effective_bias(self, names, strength_scale: float = 1.0):
         bias = self.base_layer.bias
         bias_delta = self.merged_bias_delta(names, strength_scale)
         if bias_delta is not None:
-            bias = self._add_rounded_once(bias, bias_delta.to(weight.dtype) if bias is None else bias_delta)
-        return weight, bias
+            dtype = self.base_layer.weight.dtype
+            bias = self._add_rounded_once(bias, bias_delta.to(dtype) if bias is None else bias_delta)
+        return bias
 
     def _thin_output(self, x, names, training: bool):
         base = self.base_layer
@@ -440,13 +444,7 @@ class AdapterLayer(nn.Module):
         if key != self._cache_key:
             self._cached_params = None  # free the stale copy before building the new one
             with torch.no_grad():
-                adapter = self.adapters[names[0]]
-                if len(names) == 1 and adapter.supports_fused:
-                    kind, factors = adapter.fused_factors()
-                    self._cached_params = (fused_weight(kind, weight.detach(), factors,
-                                                        adapter.scale * self.strengths[names[0]]), bias)
-                else:
-                    self._cached_params = self._effective_params(names, training=False)
+                self._cached_params = (self._fused_weight(names, 1.0), self._effective_bias(names))
             self._cache_key = key
         return self._cached_params
 
@@ -475,12 +473,13 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         weight = base.weight
         new_weight = self._fused_weight(names, scale)
-        bias_delta = self.merged_bias_delta(names, scale)
-        if bias_delta is not None and base.bias is None:
+        if base.bias is None and self.merged_bias_delta(names, scale) is not None:
             raise ValueError(f"adapters {names} add a bias to a layer that has none; they cannot be fused, "
                              "use them unfused")
-        new_bias = None if bias_delta is None else self._add_rounded_once(base.bias.detach(), bias_delta)
-        if new_bias is not None and not all_finite(new_bias):
+        new_bias = None if base.bias is None else self._effective_bias(names, scale)
+        if new_bias is base.bias:
+            new_bias = None  # unchanged
+        elif new_bias is not None and not all_finite(new_bias):
             raise ValueError(f"fusing adapters {names} would put NaN/inf into the bias; nothing was changed")
         # Nothing can fail from here on. On the CPU the original tensors themselves are the
         # backup (unmerge swaps them back); elsewhere a CPU copy is kept, as A1111 and ComfyUI
@@ -524,7 +523,7 @@ class AdapterLayer(nn.Module):
                 if weight.dtype == torch.float32 or all_finite(new):
                     return new
         raise ValueError(
-            f"fusing adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
+            f"adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
             "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
 
     @torch.no_grad()
