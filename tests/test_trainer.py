@@ -293,3 +293,13 @@ def test_parameter_sharding_is_refused_with_a_clear_message(kind, stage):
             refuse_parameter_sharding(accelerator)
     else:
         refuse_parameter_sharding(accelerator)  # DDP and ZeRO-1/2 keep whole parameters
+
+
+def test_command_line_flags_win_over_the_demo_settings(monkeypatch, tmp_path):
+    from loha_diffusion.training.args import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["train_loha_sd.py", "--output_dir", str(tmp_path / "mine"),
+                                      "--max_train_steps=7"])
+    args = parse_args()  # as the script calls it: argv from sys.argv
+    assert args.demo and args.instance_prompt == "a sks shape"          # the demo otherwise
+    assert (args.output_dir, args.max_train_steps) == (str(tmp_path / "mine"), 7)

@@ -3,6 +3,7 @@ and their validation, which runs before any model is loaded."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     demo = args.pretrained_model_name_or_path is None
     args.demo = demo
-    if demo:
-        apply_demo_defaults(args, argv or [])
+    if demo:  # flags given on the command line still win over the demo's settings
+        apply_demo_defaults(args, sys.argv[1:] if argv is None else argv)
     validate(args)
     return args
 
