@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .algorithms.common import khatri_rao_pair
+
 
 @dataclass(frozen=True)
 class OpSpec:
@@ -85,9 +87,7 @@ def thin_pair(kind: str, factors, row_scale):
         up, down = factors
         return _scale_rows(up, row_scale), down
     u1, d1, u2, d2 = factors
-    up = (_scale_rows(u1, row_scale).unsqueeze(2) * u2.unsqueeze(1)).flatten(1)
-    down = (d1.unsqueeze(1) * d2.unsqueeze(0)).flatten(0, 1)
-    return up, down
+    return khatri_rao_pair(_scale_rows(u1, row_scale), d1, u2, d2)
 
 
 def thin_pair_grads(kind: str, g_up, g_down, factors, row_scale):
