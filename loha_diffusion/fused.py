@@ -235,9 +235,9 @@ def fused_weight(kind: str, weight: torch.Tensor, factors, scale: float) -> torc
     target = result.view(n_out, flat_in)
     rows = max(1, min(n_out, _BLOCK_ELEMENTS // max(flat_in, 1)))
     as_fp32 = weight.dtype != torch.float32
-    first = torch.empty(rows, flat_in, device=weight.device)
-    second = torch.empty(rows, flat_in, device=weight.device) if kind == "hadamard" else None
-    staging = torch.empty(rows, flat_in, device=weight.device) if as_fp32 else None
+    first = torch.empty(rows, flat_in, device=weight.device, dtype=torch.float32)
+    second = torch.empty(rows, flat_in, device=weight.device, dtype=torch.float32) if kind == "hadamard" else None
+    staging = torch.empty(rows, flat_in, device=weight.device, dtype=torch.float32) if as_fp32 else None
     for start in range(0, n_out, rows):
         stop = min(start + rows, n_out)
         n = stop - start
