@@ -436,11 +436,14 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         return op.apply(spec, kind, row_scale, x, base.weight, base.bias, *factors)
 
-    def _cached_effective_params(self, names):
+    def _cache_key_for(self, names) -> tuple:
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        key = (tuple((n, self.strengths[n], self.adapters[n].scale, self.adapters[n].versions()) for n in names),
-               weight._version, weight.data_ptr(), weight.dtype, weight.device,
-               None if bias is None else (bias._version, bias.data_ptr()))
+        return (tuple((n, self.strengths[n], self.adapters[n].scale, self.adapters[n].versions()) for n in names),
+                weight._version, weight.data_ptr(), weight.dtype, weight.device,
+                None if bias is None else (bias._version, bias.data_ptr()))
+
+    def _cached_effective_params(self, names):
+        key = self._cache_key_for(names)
         if key != self._cache_key:
             self._cached_params = None  # free the stale copy before building the new one
             with torch.no_grad():
@@ -472,7 +475,10 @@ class AdapterLayer(nn.Module):
     def _merge_onto_original(self, names, scale: float) -> None:
         base = self.base_layer
         weight = base.weight
-        new_weight = self._fused_weight(names, scale)
+        if scale == 1.0 and self._cache_key is not None and self._cache_key == self._cache_key_for(names):
+            new_weight = self._cached_params[0]  # unfused inference already built exactly this
+        else:
+            new_weight = self._fused_weight(names, scale)
         if base.bias is None and self.merged_bias_delta(names, scale) is not None:
             raise ValueError(f"adapters {names} add a bias to a layer that has none; they cannot be fused, "
                              "use them unfused")
