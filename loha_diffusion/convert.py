@@ -213,8 +213,9 @@ def _peft_lokr_tensors(adapter: AdapterWeights, weight: torch.Tensor) -> tuple[d
     PEFT scales by alpha/r always, so alpha is chosen to give the module's own scale.
     """
     params = {k: v.detach() for k, v in adapter.params.items()}
-    b, d = weight.shape[0] // lokr.first_factor(params).shape[0], weight.shape[1] // lokr.first_factor(params).shape[1]
-    tensors = {"lokr_w1": lokr.first_factor(params).contiguous()}
+    w1 = lokr.first_factor(params)
+    b, d = weight.shape[0] // w1.shape[0], weight.shape[1] // w1.shape[1]
+    tensors = {"lokr_w1": w1.contiguous()}
     pair = lokr.second_factor_pair(params)
     if pair is not None and pair[0].shape[1] < max(b, d) / 2:
         r = pair[0].shape[1]
