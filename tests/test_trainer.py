@@ -35,11 +35,15 @@ def setup(tmp_path_factory):
     return root
 
 
-def run(setup, out, *extra, steps=4):
-    args = ["--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
+def train_args(setup, out, *extra, steps=4):
+    """Flags of a short run on the tiny model and the one instance image (later flags win)."""
+    return ["--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
             "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", str(steps),
             "--output_dir", str(out), "--report_to", "none", "--checkpointing_steps", "1000", *extra]
-    assert main(args) == 0
+
+
+def run(setup, out, *extra, steps=4):
+    assert main(train_args(setup, out, *extra, steps=steps)) == 0
     return out
 
 
@@ -184,9 +188,7 @@ def test_two_processes_write_one_file(setup, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                str(REPO / "train_scripts" / "train_loha_sd.py"),
-               "--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
-               "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", "2", "--repeats", "2",
-               "--output_dir", str(out), "--report_to", "none", "--checkpointing_steps", "1", "--train_text_encoder"]
+               *train_args(setup, out, "--repeats", "2", "--checkpointing_steps", "1", "--train_text_encoder", steps=2)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["loha.safetensors"]
@@ -195,10 +197,7 @@ def test_two_processes_write_one_file(setup, tmp_path):
 
 
 def cli_command(setup, out, *extra, steps=3):
-    return [sys.executable, str(REPO / "train_scripts" / "train_loha_sd.py"),
-            "--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
-            "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", str(steps),
-            "--output_dir", str(out), "--report_to", "none", *extra]
+    return [sys.executable, str(REPO / "train_scripts" / "train_loha_sd.py"), *train_args(setup, out, *extra, steps=steps)]
 
 
 def test_bf16_mixed_precision_keeps_adapters_fp32_and_learns(setup, tmp_path):
@@ -242,9 +241,7 @@ def test_divergence_stops_and_keeps_only_good_checkpoints(setup, tmp_path, caplo
     # lr 1e37: the first update makes the weights ~1e38 (finite; the next loss is not); lr 1e38:
     # Adam's first step size lr / (1 - beta1) overflows the weights at once, after a finite loss
     out = tmp_path / "nan"
-    args = ["--pretrained_model_name_or_path", str(setup / "model"), "--instance_data_dir", str(setup / "inst"),
-            "--instance_prompt", PROMPT, "--resolution", "16", "--max_train_steps", "6", "--output_dir", str(out),
-            "--report_to", "none", "--checkpointing_steps", "1", "--learning_rate", lr, "--max_grad_norm", "0"]
+    args = train_args(setup, out, "--checkpointing_steps", "1", "--learning_rate", lr, "--max_grad_norm", "0", steps=6)
     assert main(args) == 3
     assert f"the {what} became NaN/inf" in caplog.text
     assert not (out / "loha.safetensors").exists()
