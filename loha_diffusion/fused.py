@@ -217,21 +217,29 @@ class MergedAdapterOp(torch.autograd.Function):
 
 
 # -- fusing into the weights (no autograd) -------------------------------------------------------
-_BLOCK_ELEMENTS = 1 << 17  # rows per block such that a block of each rank-r product stays in cache
+# Rows per block: about 1M elements (4 MB per product buffer). Smaller blocks make the thin
+# rank-r matmuls inefficient, larger ones spill the cache; on the 344 layers of an SD1.5 LoHa
+# this size fused in 0.86-0.93 s against 1.4-1.6 s at 128K and 1.2-1.4 s at 4M (2 CPU cores).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 @torch.no_grad()
-def fused_weight(kind: str, weight: torch.Tensor, factors, scale: float) -> torch.Tensor:
-    """A new tensor W + scale * dW, like ``weight`` (dtype, device, shape), summed in fp32.
+def fused_weight(kind: str, weight: torch.Tensor, factors, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """W + scale * dW like ``weight`` (dtype, device, shape), summed in fp32: a new tensor, or
+    written into ``out``, which may be ``weight`` itself (fusing in place).
 
-    Built in blocks of rows: the rank-r products of a block are formed in small reused
-    buffers, still in cache when ``addcmul``/``addmm`` adds them to W, so memory traffic is one
-    read of W and one write of the result instead of several weight-sized temporaries.
+    Built in blocks of rows: the rank-r products of a block are formed in reused buffers,
+    still in cache when ``addcmul``/``addmm`` adds them to W, so memory traffic is one read of
+    W and one write of the result instead of several weight-sized temporaries. A
+    block is read before it is written, so ``out`` may alias ``weight``.
     """
+    if out is not None and not out.is_contiguous():  # e.g. a channels_last conv weight
+        return out.copy_(fused_weight(kind, weight, factors, scale))
     n_out = weight.shape[0]
     flat_in = weight[0].numel()
     source = weight.reshape(n_out, flat_in)
-    result = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    result = torch.empty_like(weight, memory_format=torch.contiguous_format) if out is None else out
     target = result.view(n_out, flat_in)
     rows = max(1, min(n_out, _BLOCK_ELEMENTS // max(flat_in, 1)))
     as_fp32 = weight.dtype != torch.float32
