@@ -130,6 +130,12 @@ class AdapterWeights(nn.Module):
         return self.algorithm.fused_factors(self.params, legacy_tucker=self.legacy_tucker)
 
     @property
+    def reads_base_weight(self) -> bool:
+        """The change depends on the base weight's values (IA3, DoRA), so it cannot be taken
+        off again by subtracting it: fusing such an adapter always keeps the original weight."""
+        return getattr(self.algorithm, "READS_WEIGHT", False) or self.dora_scale is not None
+
+    @property
     def supports_thin_path(self) -> bool:
         """Exact low-rank factors exist and nothing depends on the base weight's values."""
         return (hasattr(self.algorithm, "low_rank_factors") and self.dora_scale is None
@@ -182,6 +188,9 @@ class AdapterLayer(nn.Module):
         self._weight_backup: torch.Tensor | None = None
         self._bias_backup: torch.Tensor | None = None
         self._merged_scale = 1.0
+        # Fused by adding the changes in place, without a backup: unmerge subtracts them again,
+        # which restores W to rounding only.
+        self._merged_in_place = False
         # Unfused inference keeps W + dW per layer (one extra copy of the adapted weights);
         # without it every call applies the adapters again, thin or merged, whichever is cheaper.
         self.cache_weights = True
@@ -453,32 +462,38 @@ class AdapterLayer(nn.Module):
 
     # -- merge / unmerge ---------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names=None, scale: float = 1.0) -> None:
-        """Add the adapters' changes (strength x ``scale``) to the base weights once; keep the
-        original weights for an exact unmerge. On error nothing is changed."""
+    def merge(self, names=None, scale: float = 1.0, exact_unmerge: bool = True) -> None:
+        """Add the adapters' changes (strength x ``scale``) to the base weights once. On error
+        nothing is changed.
+
+        ``exact_unmerge`` keeps the original weights, so that ``unmerge`` restores them
+        bit-exactly, at the memory of one more copy of this layer's weight; without it the
+        changes are added in place and ``unmerge`` subtracts them again (exact to rounding).
+        """
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.adapters and n not in self.merged_adapters]
         if not names:
             return
         previous = list(self.merged_adapters)
+        if previous and scale != self._merged_scale:
+            raise ValueError(f"adapters {previous} are fused at scale {self._merged_scale}; unfuse them before "
+                             f"fusing {names} at scale {scale}, or fuse them all in one call")
+        previous_in_place = self._merged_in_place
         if previous:
             # IA3 and DoRA read the base weight's values: always merge onto the original.
             names = previous + names
             self.unmerge()
         try:
-            self._merge_onto_original(names, scale)
+            self._merge_onto_original(names, scale, in_place=not exact_unmerge)
         except Exception:
             if previous:
-                self._merge_onto_original(previous, self._merged_scale)
+                self._merge_onto_original(previous, scale, in_place=previous_in_place)
             raise
 
-    def _merge_onto_original(self, names, scale: float) -> None:
+    def _merge_onto_original(self, names, scale: float, in_place: bool = False) -> None:
         base = self.base_layer
         weight = base.weight
-        if scale == 1.0 and self._cache_key is not None and self._cache_key == self._cache_key_for(names):
-            new_weight = self._cached_params[0]  # unfused inference already built exactly this
-        else:
-            new_weight = self._fused_weight(names, scale)
+        in_place = in_place and not any(self.adapters[n].reads_base_weight for n in names)
         if base.bias is None and self.merged_bias_delta(names, scale) is not None:
             raise ValueError(f"adapters {names} add a bias to a layer that has none; they cannot be fused, "
                              "use them unfused")
@@ -487,9 +502,16 @@ class AdapterLayer(nn.Module):
             new_bias = None  # unchanged
         elif new_bias is not None and not all_finite(new_bias):
             raise ValueError(f"fusing adapters {names} would put NaN/inf into the bias; nothing was changed")
+        if in_place:
+            self._fused_weight(names, scale, out=weight.detach())  # checked before it writes
+            new_weight = None
+        elif scale == 1.0 and self._cache_key is not None and self._cache_key == self._cache_key_for(names):
+            new_weight = self._cached_params[0]  # unfused inference already built exactly this
+        else:
+            new_weight = self._fused_weight(names, scale)
         # Nothing can fail from here on. On the CPU the original tensors themselves are the
         # backup (unmerge swaps them back); elsewhere a CPU copy is kept, as A1111 and ComfyUI
-        # do, so that fusing costs no accelerator memory.
+        # do, so that fusing costs no accelerator memory. A bias is small: it always has one.
         for param, new in ((weight, new_weight), (base.bias, new_bias)):
             if new is None:
                 continue
@@ -504,39 +526,45 @@ class AdapterLayer(nn.Module):
                 param.copy_(new)
         self.merged_adapters = list(names)
         self._merged_scale = scale
+        self._merged_in_place = in_place
         self._invalidate()
 
-    def _fused_weight(self, names, scale: float) -> torch.Tensor:
-        """A new tensor: the base weight plus the adapters' changes, checked for NaN/inf."""
+    def _fused_weight(self, names, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The base weight plus the adapters' changes, checked for NaN/inf before it is returned:
+        a new tensor, or written into ``out`` (which may be the weight itself)."""
         weight = self.base_layer.weight.detach()
         adapter = self.adapters[names[0]]
         if len(names) == 1 and adapter.supports_fused:
             kind, factors = adapter.fused_factors()
             factors = [f.detach().float() for f in factors]
             row_scale = adapter.scale * self.strengths[names[0]] * scale
-            new = fused_weight(kind, weight, factors, row_scale)
             # A finite bound of |scale * dW| far below the dtype's range proves the result finite
             # without reading it again; fp16's small range, or an odd bound, gets the full check.
             bound = abs(row_scale) * delta_bound(kind, factors)
             if weight.dtype != torch.float16 and bound < _SAFE_DELTA:
-                return new
+                return fused_weight(kind, weight, factors, row_scale, out=out)
+            new = fused_weight(kind, weight, factors, row_scale)
             if all_finite(new):
-                return new
+                return new if out is None else out.copy_(new)
         else:
             delta = self.merged_delta(names, False, scale)
             if all_finite(delta):
                 new = self._add_rounded_once(weight, delta)
                 if weight.dtype == torch.float32 or all_finite(new):
-                    return new
+                    return new if out is None else out.copy_(new)
         raise ValueError(
             f"adapters {names} would put NaN/inf into the weights (of shape {tuple(weight.shape)}); "
             "nothing was changed. Check the adapter file for NaN values or absurd alphas.")
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weights bit-exactly (the original tensors, or the backup copy)."""
-        if self._weight_backup is None and self._bias_backup is None:
+        """Restore the base weights: bit-exactly from the original tensors or the backup copy, or,
+        after an in-place merge, by subtracting the changes again (the adapter tensors must not
+        have changed since)."""
+        if not self.merged_adapters:
             return
+        if self._merged_in_place:
+            self._fused_weight(self.merged_adapters, -self._merged_scale, out=self.base_layer.weight.detach())
         for param, backup in ((self.base_layer.weight, self._weight_backup), (self.base_layer.bias, self._bias_backup)):
             if backup is None:
                 continue
@@ -544,14 +572,13 @@ class AdapterLayer(nn.Module):
                 param.data = backup
             else:  # the module was moved (e.g. to an accelerator) while fused
                 param.copy_(backup)
-        self._weight_backup = self._bias_backup = None
-        self.merged_adapters = []
-        self._invalidate()
+        self.drop_backup()
 
     def drop_backup(self) -> None:
         """Make the current (fused) weights the new base: unmerge will no longer undo the fuse."""
         self._weight_backup = self._bias_backup = None
         self.merged_adapters = []
+        self._merged_in_place = False
         self._invalidate()
 
     def extra_repr(self) -> str:

@@ -88,7 +88,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put every original layer object back; with ``merge`` the fused weights are kept."""
     for path, layer in list(adapter_layers(model)):
         if merge:
-            layer.merge()
+            layer.merge(exact_unmerge=False)  # in place: no copy of the weight that is dropped anyway
             layer.drop_backup()
         else:
             layer.unmerge()

@@ -8,6 +8,7 @@ the same adapters, as with diffusers' own LoRA loader.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -161,26 +162,32 @@ def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=No
         layer.set_active(names)
 
 
-def fuse_loha(pipe, adapter_names=None, scale: float = 1.0, components=COMPONENTS) -> None:
+def fuse_loha(pipe, adapter_names=None, scale: float = 1.0, components=COMPONENTS,
+              exact_unfuse: bool = True) -> None:
     """Add the active (or named) adapters to the weights: deltas in fp32, summed, added once.
 
-    ``scale`` multiplies every strength for this fuse only; ``unfuse_loha`` restores the
-    original weights bit-exactly from a backup, and strengths stay as they were.
+    ``scale`` multiplies every strength for this fuse only; strengths stay as they were.
+    With ``exact_unfuse`` (the default) the original weights are kept, so ``unfuse_loha``
+    restores them bit-exactly; that costs one more copy of the adapted weights (on the CPU; on
+    an accelerator the copy is kept in CPU memory). ``exact_unfuse=False`` adds the changes in
+    place instead, with no extra memory; ``unfuse_loha`` then subtracts them again, which
+    restores the weights to rounding only (as diffusers' ``unfuse_lora`` does). Layers with
+    DoRA or IA3 modules, whose change depends on the weight itself, keep their originals.
     """
     names = None if adapter_names is None else _check_known(pipe, adapter_names)
     done = []
     try:
         for component, _, layer in _layers(pipe):
             if component in components:
-                before = (list(layer.merged_adapters), layer._merged_scale)
-                layer.merge(names, scale=scale)
+                before = (list(layer.merged_adapters), layer._merged_scale, layer._merged_in_place)
+                layer.merge(names, scale=scale, exact_unmerge=exact_unfuse)
                 done.append((layer, before))
     except Exception:
-        # All or nothing: put back what this call fused (exactly, from the backups).
-        for layer, (previous, previous_scale) in reversed(done):
+        # All or nothing: put back what this call fused (from the backups, or by subtracting).
+        for layer, (previous, previous_scale, previous_in_place) in reversed(done):
             layer.unmerge()
             if previous:
-                layer.merge(previous, scale=previous_scale)
+                layer.merge(previous, scale=previous_scale, exact_unmerge=not previous_in_place)
         raise
 
 
@@ -230,11 +237,26 @@ def delete_loha_adapters(pipe, adapter_names) -> None:
             unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
 
 
-def unload_loha_weights(pipe) -> None:
-    """Remove every adapter: the original module objects go back, weights bit-exact."""
+def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
+    """Remove every adapter and put the original module objects back.
+
+    Fused adapters are unfused first, so the weights are the original ones (bit-exact unless
+    fused with ``exact_unfuse=False``). ``keep_fused=True`` keeps what is fused in the weights
+    instead, as diffusers' ``fuse_lora()`` + ``unload_lora_weights()`` does: a pipeline with
+    the adapters baked in and no adapter memory left.
+    """
+    unfused = []
     for component, path, layer in list(_layers(pipe)):
-        layer.unmerge()
+        if keep_fused:
+            layer.drop_backup()
+        elif layer.merged_adapters:
+            unfused.extend(n for n in layer.merged_adapters if n not in unfused)
+            layer.unmerge()
         unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+    if unfused:
+        warnings.warn(f"unload_loha_weights took the fused adapters {unfused} out of the weights again; to keep "
+                      "them baked in (diffusers' fuse_lora + unload_lora_weights), call "
+                      "unload_loha_weights(keep_fused=True)", UserWarning, stacklevel=2)
 
 
 def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str = "kohya",

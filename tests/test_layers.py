@@ -261,3 +261,45 @@ def test_lokr_runs_merged_and_matches_formula():
     x = make_input("conv2d")
     weight = layer.weight.double() + lokr_delta(tensors, layer.weight.shape, alpha=3.0)
     close(wrapped(x), apply_layer(copy.deepcopy(layer).double(), x.double(), weight))
+
+
+@pytest.mark.parametrize("algo", ["loha", "lora"])
+def test_in_place_merge_writes_the_formula_into_the_weight_and_subtracts_it_again(algo):
+    wrapped = wrap(make_layer("conv2d"), algo=algo)
+    weight = wrapped.base_layer.weight
+    original = weight.detach().clone()
+    storage = weight.data_ptr()
+    wrapped.merge(scale=0.5, exact_unmerge=False)
+    expected = original.double() + 0.5 * FORMULAS[algo]({k: v.detach() for k, v in wrapped.adapters["a"].params.items()},
+                                                        original.shape, 6.0)
+    assert weight.data_ptr() == storage and wrapped._weight_backup is None  # no second copy of W
+    torch.testing.assert_close(weight.detach().double(), expected, rtol=0, atol=1e-6)
+    wrapped.unmerge()
+    assert weight.data_ptr() == storage and not wrapped.merged_adapters
+    # subtracting again restores W to within an ulp of the larger of W and W + dW
+    _, exponent = torch.frexp(torch.maximum(original.abs(), expected.abs().float()))
+    ulp = torch.finfo(torch.float32).eps * torch.pow(2.0, exponent.float() - 1)
+    assert ((weight.detach() - original).abs() <= ulp).all()
+
+
+def test_in_place_merge_keeps_the_original_where_the_change_reads_it():
+    wrapped = AdapterLayer(make_layer("conv2d"))
+    torch.manual_seed(6)
+    tensors = loha.init_params(wrapped.weight.shape, 4, scheme="random")
+    wrapped.add_adapter("a", AdapterWeights("loha", tensors, 2.0, dora_scale=torch.rand(10, 1, 1, 1) + 0.5))
+    original = wrapped.base_layer.weight.detach().clone()
+    wrapped.merge(exact_unmerge=False)   # DoRA normalises W + dW: subtracting cannot undo it
+    assert not torch.equal(wrapped.base_layer.weight, original)
+    wrapped.unmerge()
+    assert torch.equal(wrapped.base_layer.weight, original)
+
+
+def test_second_fuse_at_another_scale_is_refused_and_changes_nothing():
+    wrapped = wrap(make_layer("linear"))
+    tensors = lora.init_params(wrapped.weight.shape, 2, scheme="random")
+    wrapped.add_adapter("b", AdapterWeights("lora", tensors, 1.0), activate=False)
+    wrapped.merge(["a"], scale=0.5)
+    fused = wrapped.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="fused at scale 0.5"):
+        wrapped.merge(["b"], scale=1.0)
+    assert wrapped.merged_adapters == ["a"] and torch.equal(wrapped.base_layer.weight, fused)

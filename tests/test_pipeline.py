@@ -277,3 +277,44 @@ def test_failed_fuse_changes_nothing(pipe, tmp_path):
     assert all(not layer.merged_adapters for layer in layers)
     pipe.unload_loha_weights()
     assert_same_state(pipe, before)
+
+
+def test_in_place_fuse_equals_the_formula_without_new_weight_memory(pipe, tmp_path):
+    before = state_of(pipe)
+    state, by_module = make_file_tensors(pipe, ["loha", "lokr", "full", "lora"])  # fused ops and the general path
+    name = pipe.load_loha_weights(write(tmp_path, state))
+    pipe.set_loha_adapters([name], weights=0.6)
+    layers = {key: getattr(pipe, key[0]).get_submodule(key[1]) for key in by_module}
+    storage = {key: layer.base_layer.weight.data_ptr() for key, layer in layers.items()}
+    pipe.fuse_loha(scale=0.5, exact_unfuse=False)
+    for key, tensors in by_module.items():
+        weight = layers[key].base_layer.weight
+        original = before[f"{key[0]}.{key[1]}.weight"].double()
+        assert weight.data_ptr() == storage[key]     # written where W was: no second copy
+        torch.testing.assert_close(weight.double(), original + 0.3 * reference_delta(tensors, original),
+                                   rtol=1e-5, atol=1e-6)
+    pipe.unfuse_loha()
+    pipe.unload_loha_weights()
+    after = state_of(pipe)
+    drift = max((after[k].double() - before[k].double()).abs().max().item() for k in before)
+    assert 0 < drift < 1e-6   # subtracted again: back to fp32 rounding, not bit-exact
+
+
+def test_unload_keeps_fused_adapters_only_when_asked(pipe, tmp_path):
+    before = state_of(pipe)
+    originals = {p: m for p, m in pipe.unet.named_modules()}
+    state, by_module = make_file_tensors(pipe, "loha")
+    reference = run_tiny_pipeline(merged_reference(pipe, by_module), PROMPT)
+    pipe.load_loha_weights(write(tmp_path, state))
+    pipe.fuse_loha()
+    with pytest.warns(UserWarning, match="keep_fused=True"):
+        pipe.unload_loha_weights()
+    assert_same_state(pipe, before)
+
+    pipe.load_loha_weights(write(tmp_path, state))
+    pipe.fuse_loha()
+    pipe.unload_loha_weights(keep_fused=True)     # diffusers' fuse_lora + unload_lora_weights
+    assert not any(isinstance(m, AdapterLayer) for c in ("unet", "text_encoder") for m in getattr(pipe, c).modules())
+    assert all(pipe.unet.get_submodule(p) is m for p, m in originals.items() if p)
+    assert pipe.get_loha_adapters(flat=True) == []
+    close_images(run_tiny_pipeline(pipe, PROMPT), reference)

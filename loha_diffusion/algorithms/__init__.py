@@ -9,7 +9,7 @@ Every algorithm module (loha, lora, lokr, full, norm, ia3) offers, on a dict ``p
 * ``scale(params, alpha)``: alpha/rank by ``common.alpha_scale``, 1 where there is no rank;
 * ``delta_weight(params, weight, scale=1.0, **options)``: fp32 ``scale`` * dW with
   ``weight.shape``, the scale applied to the smallest operand (only IA3 reads the base
-  weight's values; unknown options are ignored);
+  weight's values, and says so with ``READS_WEIGHT = True``; unknown options are ignored);
 * ``check_shapes(params, weight_shape)``: None, or a one-line reason why they do not fit;
 * ``delta_bias(params, bias)`` where a file can change the bias (full, norm); absent = None;
 * for the low-rank ones (loha, lora): ``low_rank_factors(params)`` (an exact (up, down) pair),

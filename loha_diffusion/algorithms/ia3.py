@@ -19,6 +19,7 @@ from .common import as_float_scalar
 NAME = "ia3"
 REQUIRED = ("weight",)
 OPTIONAL = ("on_input",)
+READS_WEIGHT = True  # the delta is W * w: taking it off again needs the original W
 
 
 def detect(params) -> bool:
