@@ -12,7 +12,8 @@ each removed again (and the base weights restored bit-exactly from a saved copy)
 
 How each implementation is driven:
   loha_diffusion  load_loha_weights(pipe, path) / fuse_loha / unfuse_loha / unload_loha_weights on a
-                  types.SimpleNamespace(unet=..., text_encoder=...)
+                  types.SimpleNamespace(unet=..., text_encoder=...); then once more fuse_loha(exact_unfuse=False)
+                  / unfuse_loha, which add and subtract in place with no backup (as PEFT does)
   peft            load: safetensors.load_file + kohya name -> module path + LoHaConfig(r=16, alpha=8,
                   target_modules=<exact module paths>) + inject_adapter_in_model + set_peft_model_state_dict
                   per component (low_cpu_mem_usage=True, diffusers' default for LoRA loading);
@@ -315,6 +316,14 @@ def run_loha_diffusion(path, pipe, snapshot, inputs, args, result, denoise=True)
         loha_diffusion.unfuse_loha(pipe)
     result["unfuse_check"] = snapshot.compare()
     log(f"  after unfuse: {result['unfuse_check']}")
+    # fuse_loha(exact_unfuse=False): in place, no backup (as PEFT merges); unfuse subtracts again
+    with Stage(st, "fuse in place", args.idle_wait):
+        loha_diffusion.fuse_loha(pipe, exact_unfuse=False)
+    with Stage(st, "unfuse in place", args.idle_wait):
+        loha_diffusion.unfuse_loha(pipe)
+    result["in_place_unfuse_check"] = snapshot.compare()
+    log(f"  after in-place unfuse: {result['in_place_unfuse_check']}")
+    snapshot.restore()  # the exact original weights again for the rest of the run
     out = None
     if denoise:
         result["denoise"], out = time_denoise(pipe.unet, inputs, args.reps, args.idle_wait,
@@ -516,8 +525,15 @@ def report(fig: dict) -> None:
         a, b = sec(impl, "load"), sec(impl, "fuse")
         return None if a is None or b is None else a + b
 
+    def lf_in_place(impl):
+        a, b = sec(impl, "load"), sec(impl, "fuse in place" if impl is ours else "fuse")
+        return None if a is None or b is None else a + b
+
+    # PEFT and LyCORIS always fuse in place (no backup): their columns repeat fuse/unfuse there
     rows = [("load", "load", "load", "load"), ("fuse", "fuse", "fuse", "fuse"),
             ("load+fuse", None, None, None), ("unfuse", "unfuse", "unfuse", "unfuse (onfly_restore)"),
+            ("fuse, in place", "fuse in place", "fuse", "fuse"), ("load+fuse, in place", None, None, None),
+            ("unfuse, in place", "unfuse in place", "unfuse", "unfuse (onfly_restore)"),
             ("unload", "unload", "unload", "unload")]
     print()
     print("=" * 108)
@@ -530,16 +546,17 @@ def report(fig: dict) -> None:
     print("-" * 108)
     if fig["rounds"] > 1:
         print(f"stage seconds: median of {fig['rounds']} rounds (wall clock)")
-    print(f"{'seconds':<12}{'loha_diffusion':>16}{'PEFT':>12}{'LyCORIS':>12}{'ours/PEFT':>12}{'ours/LyCORIS':>14}"
+    print(f"{'seconds':<20}{'ours':>8}{'PEFT':>12}{'LyCORIS':>12}{'ours/PEFT':>12}{'ours/LyCORIS':>14}"
           f"{'peak extra MiB (ours/PEFT/LyCORIS)':>36}")
     for label, s_ours, s_peft, s_lyco in rows:
-        if label == "load+fuse":
-            a, b, c = lf(ours), lf(peft), lf(lyco)
+        if label.startswith("load+fuse"):
+            combined = lf_in_place if label.endswith("in place") else lf
+            a, b, c = combined(ours), combined(peft), combined(lyco)
             m = ("", "", "")
         else:
             a, b, c = sec(ours, s_ours), sec(peft, s_peft), sec(lyco, s_lyco)
             m = tuple(fmt(x, 0) for x in (mem(ours, s_ours), mem(peft, s_peft), mem(lyco, s_lyco)))
-        print(f"{label:<12}{fmt(a):>16}{fmt(b):>12}{fmt(c):>12}{fmt(ratio(a, b)):>12}{fmt(ratio(a, c)):>14}"
+        print(f"{label:<20}{fmt(a):>8}{fmt(b):>12}{fmt(c):>12}{fmt(ratio(a, b)):>12}{fmt(ratio(a, c)):>14}"
               f"{' / '.join(m) if m[0] else '':>36}")
     if lyco and not lyco.get("error"):
         check = lyco["unfuse_check"]
@@ -594,7 +611,13 @@ def report(fig: dict) -> None:
     r = ratio(lf(ours), lf(peft))
     targets["load_fuse_ratio_peft"] = r
     print(f"load+fuse loha_diffusion / PEFT = {fmt(r, 2)} (target <= 0.5)"
-          + ("" if r is None else ("  MET" if r <= 0.5 else "  MISSED")))
+          + ("" if r is None else ("  MET" if r <= 0.5 else "  MISSED")) + "   [keeps the original weights]")
+    r_in_place = ratio(lf_in_place(ours), lf(peft))
+    targets["load_fuse_in_place_ratio_peft"] = r_in_place
+    drift = None if ours is None or ours.get("error") else ours["in_place_unfuse_check"]["max_abs_drift"]
+    print(f"load+fuse in place (exact_unfuse=False) loha_diffusion / PEFT = {fmt(r_in_place, 2)} (target <= 0.5)"
+          + ("" if r_in_place is None else ("  MET" if r_in_place <= 0.5 else "  MISSED"))
+          + ("" if drift is None else f"   [its unfuse: max abs drift {drift:.3g}, like PEFT's]"))
     r2 = ratio(sec(ours, "unfuse"), sec(peft, "unfuse"))
     exact = None if ours is None or ours.get("error") else ours["unfuse_check"]["bit_exact"]
     targets["unfuse_ratio_peft"], targets["unfuse_bit_exact"] = r2, exact
