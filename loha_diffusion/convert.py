@@ -242,15 +242,16 @@ def write_peft_folder(components, adapter_name: str, folder) -> Path:
         factor = _peft_lokr_factor([m[1:] for m in modules]) if algorithm == "lokr" else None
         tensors, ranks, alphas = {}, {}, {}
         for path, adapter, weight in modules:
-            ranks[path], alphas[path] = adapter.rank, float(adapter.alpha)
+            if algorithm == "lokr":  # its own r and alpha: a LoKr with both halves full has neither
+                community, ranks[path], alphas[path] = _peft_lokr_tensors(adapter, weight)
+            else:
+                ranks[path], alphas[path] = adapter.rank, float(adapter.alpha)
             if algorithm == "lora":
                 up, down = adapter.low_rank_factors()
                 community = _as_lora_tensors(up.detach(), down.detach(), weight.shape)
             elif algorithm == "loha":  # PEFT's flat LoHa layout; a Tucker core is folded into the _b factor, exactly
                 (u1, d1), (u2, d2) = (half_factors(adapter.params, i, adapter.legacy_tucker) for i in (1, 2))
                 community = {"hada_w1_a": u1, "hada_w1_b": d1, "hada_w2_a": u2, "hada_w2_b": d2}
-            else:
-                community, ranks[path], alphas[path] = _peft_lokr_tensors(adapter, weight)
             for name, tensor in community.items():
                 tensors[peft_key(path, to_peft_tensor_name(name))] = tensor.detach().float().contiguous()
         r = Counter(ranks.values()).most_common(1)[0][0]
