@@ -12,8 +12,9 @@ each removed again (and the base weights restored bit-exactly from a saved copy)
 
 How each implementation is driven:
   loha_diffusion  load_loha_weights(pipe, path) / fuse_loha / unfuse_loha / unload_loha_weights on a
-                  types.SimpleNamespace(unet=..., text_encoder=...); then once more fuse_loha(exact_unfuse=False)
-                  / unfuse_loha, which add and subtract in place with no backup (as PEFT does)
+                  types.SimpleNamespace(unet=..., text_encoder=...); right after the load, first
+                  fuse_loha(exact_unfuse=False) / unfuse_loha, which add and subtract in place with no
+                  backup (as PEFT does), then the default exact fuse / unfuse
   peft            load: safetensors.load_file + kohya name -> module path + LoHaConfig(r=16, alpha=8,
                   target_modules=<exact module paths>) + inject_adapter_in_model + set_peft_model_state_dict
                   per component (low_cpu_mem_usage=True, diffusers' default for LoRA loading);
@@ -523,12 +524,9 @@ def report(fig: dict) -> None:
         entry = impl["stages"].get(stage)
         return None if entry is None else entry["peak_extra_mib"]
 
-    def lf(impl):
-        a, b = sec(impl, "load"), sec(impl, "fuse")
-        return None if a is None or b is None else a + b
-
-    def lf_in_place(impl):
-        a, b = sec(impl, "load"), sec(impl, "fuse in place" if impl is ours else "fuse")
+    def lf(impl, in_place=False):
+        # PEFT and LyCORIS have one fuse, in place already
+        a, b = sec(impl, "load"), sec(impl, "fuse in place" if in_place and impl is ours else "fuse")
         return None if a is None or b is None else a + b
 
     # PEFT and LyCORIS always fuse in place (no backup): their columns repeat fuse/unfuse there
@@ -552,8 +550,8 @@ def report(fig: dict) -> None:
           f"{'peak extra MiB (ours/PEFT/LyCORIS)':>36}")
     for label, s_ours, s_peft, s_lyco in rows:
         if label.startswith("load+fuse"):
-            combined = lf_in_place if label.endswith("in place") else lf
-            a, b, c = combined(ours), combined(peft), combined(lyco)
+            in_place = label.endswith("in place")
+            a, b, c = lf(ours, in_place), lf(peft, in_place), lf(lyco, in_place)
             m = ("", "", "")
         else:
             a, b, c = sec(ours, s_ours), sec(peft, s_peft), sec(lyco, s_lyco)
@@ -614,7 +612,7 @@ def report(fig: dict) -> None:
     targets["load_fuse_ratio_peft"] = r
     print(f"load+fuse loha_diffusion / PEFT = {fmt(r, 2)} (target <= 0.5)"
           + ("" if r is None else ("  MET" if r <= 0.5 else "  MISSED")) + "   [keeps the original weights]")
-    r_in_place = ratio(lf_in_place(ours), lf(peft))
+    r_in_place = ratio(lf(ours, in_place=True), lf(peft))
     targets["load_fuse_in_place_ratio_peft"] = r_in_place
     drift = None if ours is None or ours.get("error") else ours["in_place_unfuse_check"]["max_abs_drift"]
     print(f"load+fuse in place (exact_unfuse=False) loha_diffusion / PEFT = {fmt(r_in_place, 2)} (target <= 0.5)"
