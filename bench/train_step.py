@@ -18,6 +18,7 @@ other processes used during each kept step are reported ("other").
 Peak step memory is measured per implementation in a fresh subprocess (``--measure-memory``).
 
     python bench/train_step.py [--rounds 5] [--only loha_diffusion,peft_loha] [--json out.json]
+    python bench/train_step.py --unet-channels 320,640,1280,1280   # full-size SD1.5 widths
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ BATCH = 2
 CONTENDED_CORES = 0.25  # other processes' CPU use (in cores) that marks a step as contended
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 optimizer_variant = "fused"
+DEFAULT_CHANNELS = (64, 128, 256, 256)  # the geometry the targets are set for
+unet_channels = DEFAULT_CHANNELS
 NAMES = ("loha_diffusion", "peft_loha", "peft_lora", "lycoris_loha", "no_adapter")
 
 
@@ -322,7 +325,7 @@ def measure_memory(name: str) -> dict:
     VmHWM cross-check catches the case where it does not.
     """
     threads = configure_threads()
-    unet, text_encoder = build_sd15_unet(), build_clip_l_text_encoder()
+    unet, text_encoder = build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
     impl = build_impl(name, unet, text_encoder, seed=1)
     inputs = [make_inputs(1000 + i) for i in range(2)]
     release_freed_memory()
@@ -339,7 +342,8 @@ def measure_memory(name: str) -> dict:
 
 
 def memory_in_subprocess(name: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name, "--optimizer", optimizer_variant]
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name, "--optimizer", optimizer_variant,
+           "--unet-channels", ",".join(map(str, unet_channels))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY_JSON "):
@@ -367,12 +371,21 @@ def main(argv=None) -> int:
                              "(0: do not wait)")
     parser.add_argument("--retries", type=int, default=2,
                         help="re-run a timed step up to this many times when other processes were busy during it")
+    parser.add_argument("--unet-channels", default=",".join(map(str, DEFAULT_CHANNELS)),
+                        help="UNet block_out_channels; 320,640,1280,1280 is full-size SD1.5 (the targets "
+                             "are set for the default)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="fused",
                         help="AdamW variant used for every implementation (default: fused, as the trainer)")
     parser.add_argument("--measure-memory", default=None, metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global optimizer_variant
+    global optimizer_variant, unet_channels
     optimizer_variant = args.optimizer
+    try:
+        unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
+    except ValueError:
+        parser.error(f"--unet-channels: expected 4 comma-separated integers, got {args.unet_channels!r}")
+    if len(unet_channels) != 4 or any(c <= 0 or c % 32 for c in unet_channels):
+        parser.error(f"--unet-channels: expected 4 positive multiples of 32 (GroupNorm groups), got {args.unet_channels!r}")
 
     if args.measure_memory:
         if args.measure_memory not in NAMES:
@@ -407,7 +420,7 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    base_unet, base_te = build_sd15_unet(), build_clip_l_text_encoder()
+    base_unet, base_te = build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
     n_unet = sum(p.numel() for p in base_unet.parameters())
     n_te = sum(p.numel() for p in base_te.parameters())
     print(f"base models: UNet {n_unet / 1e6:.2f}M params, text encoder {n_te / 1e6:.2f}M params "
@@ -498,7 +511,7 @@ def main(argv=None) -> int:
                      "trainable_params": impl.n_trainable, "adapted_modules": c["unet"] + c["text_encoder"],
                      "adapted_unet": c["unet"], "adapted_text_encoder": c["text_encoder"], "losses": losses[name]})
 
-    print(f"\nmedian of {args.rounds} rounds, batch {BATCH}, 32x32 latents, 77 tokens, {threads} threads, fp32, AdamW {optimizer_variant}; "
+    print(f"\nmedian of {args.rounds} rounds, UNet channels {unet_channels}, batch {BATCH}, 32x32 latents, 77 tokens, {threads} threads, fp32, AdamW {optimizer_variant}; "
           f"load average now {os.getloadavg()[0]:.2f}")
     header = (f"{'implementation':15s} {'s/step':>8s} {'other':>5s} {'/PEFT LoHa':>10s} {'/PEFT LoRA':>10s} "
               f"{'peak MiB':>9s} {'trainable':>11s} {'modules':>8s}")
@@ -522,6 +535,8 @@ def main(argv=None) -> int:
 
     targets = {}
     ours = median.get("loha_diffusion")
+    if ours is not None and unet_channels != DEFAULT_CHANNELS:
+        print(f"(the targets are set for UNet channels {DEFAULT_CHANNELS}; shown here for reference)")
     if ours is not None:
         mem = {n: memory.get(n, {}).get("peak_step_mib") for n in ("loha_diffusion", "peft_loha")}
         for key, label, value, limit in (
@@ -535,7 +550,7 @@ def main(argv=None) -> int:
 
     if args.json:
         out = {"config": {"rounds": args.rounds, "threads": threads, "batch": BATCH, "rank": RANK, "alpha": ALPHA,
-                          "lr": LR, "torch": torch.__version__, "peft": peft.__version__},
+                          "lr": LR, "unet_channels": unet_channels, "torch": torch.__version__, "peft": peft.__version__},
                "setup_check": check, "results": rows, "memory": memory, "targets": targets}
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"figures written to {args.json}")
