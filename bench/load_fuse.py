@@ -309,8 +309,8 @@ def run_loha_diffusion(path, pipe, snapshot, inputs, args, result, denoise=True)
     result["modules_loaded"] = n_layers
     log(f"  {n_layers} adapter layers")
     # fuse_loha(exact_unfuse=False) first, right after the load as a user would: in place, no
-    # backup (as PEFT merges); its unfuse subtracts again. (Timed after the exact fuse instead, it
-    # ran up to 2x slower on the 2-core VM, which was still busy with the 3.4 GB just freed.)
+    # backup (as PEFT merges); its unfuse subtracts again. Its time follows the host's state:
+    # 0.9 s and 2.7-2.8 s in the rounds of one run, with the same ~5 thousand page faults.
     with Stage(st, "fuse in place", args.idle_wait):
         loha_diffusion.fuse_loha(pipe, exact_unfuse=False)
     with Stage(st, "unfuse in place", args.idle_wait):
