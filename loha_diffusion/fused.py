@@ -1,4 +1,4 @@
-"""The frozen base op and one adapter as a single autograd node, forward and backward by hand.
+"""The base layer's op, and the frozen base op plus one adapter as a single autograd node.
 
 A training step runs every adapted layer hundreds of times per second on small tensors, where
 autograd bookkeeping and Python dispatch cost as much as the arithmetic. Here each layer is one
@@ -16,12 +16,10 @@ Two factor layouts are handled (``kind``):
 the rows of dW; it is folded into the first up factor, never into a weight-sized tensor.
 
 The layer (``layers.AdapterLayer``) uses these ops only where they apply exactly: one adapter,
-nn.Linear or an ungrouped zero-padded nn.Conv1d/nn.Conv2d, one dtype throughout, no autocast.
-Everything else takes the general autograd path, which computes the same numbers.
+a layer ``supports_fused_ops`` accepts, one dtype throughout, no autocast. Everything else
+takes the general autograd path, which computes the same numbers with the same ``run_base``.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,38 +28,36 @@ from torch import nn
 from .algorithms.common import khatri_rao_pair
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    """How the base layer applies a weight: ``linear``, or a conv with these settings."""
-    dims: int = 0  # 0 for nn.Linear, 1 or 2 for convolutions
-    stride: tuple = ()
-    padding: tuple = ()
-    dilation: tuple = ()
+def run_base(base: nn.Module, x, weight, bias=None):
+    """The base layer's own op on ``x`` with ``weight`` and ``bias`` in place of its parameters.
 
-
-def op_spec(base: nn.Module) -> OpSpec | None:
-    """The spec of ``base`` if the fused ops can run it, else None."""
+    It lives here, below the layer package, because the fused ops need it too.
+    """
     if isinstance(base, nn.Linear):
-        return OpSpec()
-    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
-        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
-            return None
-        return OpSpec(2 if isinstance(base, nn.Conv2d) else 1, tuple(base.stride), tuple(base.padding),
-                      tuple(base.dilation))
-    return None
-
-
-def _apply(spec: OpSpec, x, weight, bias=None):
-    if spec.dims == 0:
         return F.linear(x, weight, bias)
-    conv = F.conv2d if spec.dims == 2 else F.conv1d
-    return conv(x, weight, bias, spec.stride, spec.padding, spec.dilation)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        return base._conv_forward(x, weight, bias)
+    if isinstance(base, nn.LayerNorm):
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+    if isinstance(base, nn.GroupNorm):
+        return F.group_norm(x, base.num_groups, weight, bias, base.eps)
+    return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                       base.scale_grad_by_freq, base.sparse)
 
 
-def _apply_backward(spec: OpSpec, grad, x, weight, mask):
-    """(grad x, grad weight, grad bias) of ``_apply``, each None unless asked for in ``mask``."""
+def supports_fused_ops(base: nn.Module) -> bool:
+    """nn.Linear, or an ungrouped nn.Conv1d/nn.Conv2d with explicit zero padding: the layers
+    whose backward ``_run_base_backward`` computes."""
+    if isinstance(base, nn.Linear):
+        return True
+    return (isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups == 1 and base.padding_mode == "zeros"
+            and not isinstance(base.padding, str))
+
+
+def _run_base_backward(base: nn.Module, grad, x, weight, mask):
+    """(grad x, grad weight, grad bias) of ``run_base``, each None unless asked for in ``mask``."""
     need_x, need_w, need_b = mask
-    if spec.dims == 0:
+    if isinstance(base, nn.Linear):
         grad2 = grad.reshape(-1, grad.shape[-1])
         gx = (grad @ weight) if need_x else None
         gw = (grad2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None
@@ -70,8 +66,8 @@ def _apply_backward(spec: OpSpec, grad, x, weight, mask):
     if not (need_x or need_w or need_b):
         return None, None, None
     return torch.ops.aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]] if need_b else None, list(spec.stride), list(spec.padding),
-        list(spec.dilation), False, [0] * spec.dims, 1, [need_x, need_w, need_b])
+        grad, x, weight, [weight.shape[0]] if need_b else None, list(base.stride), list(base.padding),
+        list(base.dilation), False, [0] * (weight.dim() - 2), 1, [need_x, need_w, need_b])
 
 
 def _scale_rows(t: torch.Tensor, row_scale) -> torch.Tensor:
@@ -140,31 +136,31 @@ class ThinAdapterOp(torch.autograd.Function):
     """base(x) + row_scale * x -> down -> up, as one node."""
 
     @staticmethod
-    def forward(ctx, spec: OpSpec, kind: str, row_scale, x, weight, bias, *factors):
+    def forward(ctx, base: nn.Module, kind: str, row_scale, x, weight, bias, *factors):
         up, down = thin_pair(kind, factors, row_scale)
-        y = _apply(spec, x, weight, bias)
-        if spec.dims == 0:
+        y = run_base(base, x, weight, bias)
+        if isinstance(base, nn.Linear):
             hidden = x.reshape(-1, x.shape[-1]) @ down.t()
             y.view(-1, y.shape[-1]).addmm_(hidden, up.t())
         else:
-            hidden = _apply(spec, x, down.view(down.shape[0], *weight.shape[1:]))
+            hidden = run_base(base, x, down.view(down.shape[0], *weight.shape[1:]))
             n = y.shape[0]
             y.view(n, y.shape[1], -1).baddbmm_(up.expand(n, -1, -1), hidden.view(n, hidden.shape[1], -1))
-        ctx.spec, ctx.kind = spec, kind
+        ctx.base, ctx.kind = base, kind
         ctx.row_scale = row_scale  # a float or a mask tensor that takes no gradient
         ctx.save_for_backward(x, weight, hidden, up, down, *factors)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        spec = ctx.spec
+        base = ctx.base
         x, weight, hidden, up, down, *factors = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[3:6]
         need_factors = any(ctx.needs_input_grad[6:])
         grad = grad.contiguous()
-        gx, gw, gb = _apply_backward(spec, grad, x, weight, (need_x, need_w, need_b))
+        gx, gw, gb = _run_base_backward(base, grad, x, weight, (need_x, need_w, need_b))
         factor_grads = [None] * len(factors)
-        if spec.dims == 0:
+        if isinstance(base, nn.Linear):
             grad2 = grad.view(-1, grad.shape[-1])
             g_hidden = grad2 @ up
             if need_x:
@@ -179,7 +175,8 @@ class ThinAdapterOp(torch.autograd.Function):
             g_hidden = torch.matmul(up.t(), grad3).view(hidden.shape)
             if need_x or need_factors:
                 down_kernel = down.view(down.shape[0], *weight.shape[1:])
-                gx_down, g_down_kernel, _ = _apply_backward(spec, g_hidden, x, down_kernel, (need_x, need_factors, False))
+                gx_down, g_down_kernel, _ = _run_base_backward(base, g_hidden, x, down_kernel,
+                                                               (need_x, need_factors, False))
                 if need_x:
                     gx.add_(gx_down)
             if need_factors:
@@ -194,11 +191,11 @@ class MergedAdapterOp(torch.autograd.Function):
     """base(x; W + row_scale * dW) as one node; dW is rebuilt in backward, not saved."""
 
     @staticmethod
-    def forward(ctx, spec: OpSpec, kind: str, row_scale, x, weight, bias, *factors):
+    def forward(ctx, base: nn.Module, kind: str, row_scale, x, weight, bias, *factors):
         merged, _ = merged_weight(kind, weight, factors, row_scale)
-        ctx.spec, ctx.kind, ctx.row_scale = spec, kind, row_scale
+        ctx.base, ctx.kind, ctx.row_scale = base, kind, row_scale
         ctx.save_for_backward(x, weight, *factors)
-        return _apply(spec, x, merged, bias)
+        return run_base(base, x, merged, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -206,8 +203,8 @@ class MergedAdapterOp(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[3:6]
         need_factors = any(ctx.needs_input_grad[6:])
         merged, saved = merged_weight(ctx.kind, weight, factors, ctx.row_scale)
-        gx, g_merged, gb = _apply_backward(ctx.spec, grad.contiguous(), x, merged,
-                                           (need_x, need_w or need_factors, need_b))
+        gx, g_merged, gb = _run_base_backward(ctx.base, grad.contiguous(), x, merged,
+                                              (need_x, need_w or need_factors, need_b))
         factor_grads = [None] * len(factors)
         if need_factors:
             g_delta = g_merged.reshape(weight.shape[0], -1)
@@ -217,9 +214,9 @@ class MergedAdapterOp(torch.autograd.Function):
 
 
 # -- fusing into the weights (no autograd) -------------------------------------------------------
-# Rows per block: about 1M elements (4 MB per product buffer). Smaller blocks make the thin
-# rank-r matmuls inefficient, larger ones spill the cache; on the 344 layers of an SD1.5 LoHa
-# this size fused in 0.86-0.93 s against 1.4-1.6 s at 128K and 1.2-1.4 s at 4M (2 CPU cores).
+# Rows per block: about 1M elements (4 MB per fp32 product buffer), so that a block's rank-r
+# products are still in cache when they are added to W; smaller blocks make the thin rank-r
+# matmuls inefficient.
 _BLOCK_ELEMENTS = 1 << 20
 
 

@@ -244,7 +244,7 @@ class LoHaModel(nn.Module):
         for path, layer in adapter_layers(self.model):
             if adapter_name in layer.adapters:
                 layer.adapters[adapter_name].to(layer.base_layer.weight.device)
-                layer._invalidate()
+                layer.invalidate()
 
     # -- parameters ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

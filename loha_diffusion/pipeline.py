@@ -179,15 +179,13 @@ def fuse_loha(pipe, adapter_names=None, scale: float = 1.0, components=COMPONENT
     try:
         for component, _, layer in _layers(pipe):
             if component in components:
-                before = (list(layer.merged_adapters), layer._merged_scale, layer._merged_in_place)
+                before = layer.merge_state.snapshot()
                 layer.merge(names, scale=scale, exact_unmerge=exact_unfuse)
                 done.append((layer, before))
     except Exception:
         # All or nothing: put back what this call fused (from the backups, or by subtracting).
-        for layer, (previous, previous_scale, previous_in_place) in reversed(done):
-            layer.unmerge()
-            if previous:
-                layer.merge(previous, scale=previous_scale, exact_unmerge=not previous_in_place)
+        for layer, before in reversed(done):
+            layer.restore_merge(before)
         raise
 
 
@@ -222,8 +220,7 @@ def disable_loha_weight_cache(pipe) -> None:
 
 def _set_weight_cache(pipe, enabled: bool) -> None:
     for _, _, layer in _layers(pipe):
-        layer.cache_weights = enabled
-        layer._invalidate()
+        layer.set_weight_cache(enabled)
 
 
 def delete_loha_adapters(pipe, adapter_names) -> None:

@@ -1,4 +1,4 @@
-"""Independent reference formulas (formats.md section 2), written out plainly for the tests.
+"""Independent reference formulas (docs/formats.md section 2), written out plainly for the tests.
 
 Nothing here imports loha_diffusion: these are the oracles the library is checked against.
 """
@@ -6,7 +6,7 @@ import torch
 
 
 def tucker(core, w_a, w_b):
-    """R[o, i, k...] = sum_ab core[a, b, k...] * w_a[a, o] * w_b[b, i]  (formats.md 2.2)."""
+    """R[o, i, k...] = sum_ab core[a, b, k...] * w_a[a, o] * w_b[b, i]  (docs/formats.md 2.2)."""
     return torch.einsum("ab...,ao,bi->oi...", core.double(), w_a.double(), w_b.double())
 
 
@@ -24,7 +24,7 @@ def loha_delta(t: dict, shape, alpha=None):
 
 
 def lora_delta(t: dict, shape, alpha=None):
-    """scale * up @ [mid] @ down (formats.md 2.1)."""
+    """scale * up @ [mid] @ down (docs/formats.md 2.1)."""
     down = t["lora_down.weight"].double()
     up = t["lora_up.weight"].double().flatten(1)
     r = down.shape[0]
@@ -43,7 +43,7 @@ def apply_layer(layer, x, weight):
 
 
 def lokr_delta(t: dict, shape, alpha=None):
-    """scale * kron(w1, w2) (formats.md 2.3), with torch.kron; scale 1 if both halves are full."""
+    """scale * kron(w1, w2) (docs/formats.md 2.3), with torch.kron; scale 1 if both halves are full."""
     w1 = t["lokr_w1"].double() if "lokr_w1" in t else t["lokr_w1_a"].double() @ t["lokr_w1_b"].double()
     if "lokr_w2" in t:
         w2 = t["lokr_w2"].double()
@@ -60,7 +60,7 @@ def lokr_delta(t: dict, shape, alpha=None):
 
 
 def ia3_delta(weight, w, on_input: bool):
-    """dW = W * w per output row (or per input column), so that W' = W * (1 + m*w) (formats.md 2.5)."""
+    """dW = W * w per output row (or per input column), so that W' = W * (1 + m*w) (docs/formats.md 2.5)."""
     w = w.double().flatten()
     weight = weight.double()
     if on_input:
@@ -69,7 +69,7 @@ def ia3_delta(weight, w, on_input: bool):
 
 
 def dora_merged(weight, scaled_delta, dora_scale, m, output_axis: bool, semantics: str):
-    """W' of formats.md 2.6, with plain loops over the axis; eps as LyCORIS (fp32 machine eps)."""
+    """W' of docs/formats.md 2.6, with plain loops over the axis; eps as LyCORIS (fp32 machine eps)."""
     weight, v = weight.double(), weight.double() + scaled_delta.double()
     eps = torch.finfo(torch.float32).eps
     mag = dora_scale.double().flatten()

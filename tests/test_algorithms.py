@@ -1,14 +1,13 @@
-"""Delta weights against PEFT's LoHa layer and against the formulas of formats.md."""
+"""Delta weights against PEFT's LoHa layer and against the formulas of docs/formats.md."""
 import pytest
 import torch
 from peft import LoHaConfig as PeftLoHaConfig
 from peft import inject_adapter_in_model
 from torch import nn
 
+from formulas import loha_delta, lora_delta
 from loha_diffusion.algorithms import alpha_scale, as_float_scalar, loha, lora
 from loha_diffusion.algorithms.common import khatri_rao_pair
-
-from formulas import lora_delta, loha_delta
 
 LAYERS = {
     "linear": lambda: nn.Linear(24, 20),
@@ -86,7 +85,8 @@ def test_lora_delta_matches_formula(shape, tucker):
 def test_fresh_adapters_have_zero_delta(algorithm, scheme):
     tensors = algorithm.init_params((12, 8, 3, 3), 4, scheme=scheme)
     assert torch.count_nonzero(algorithm.delta_weight(tensors, torch.empty(12, 8, 3, 3))) == 0
-    assert all(torch.count_nonzero(t) > 0 for n, t in tensors.items() if n not in ("hada_w2_a", "hada_w2_b", "lora_up.weight"))
+    zeroed = ("hada_w2_a", "hada_w2_b", "lora_up.weight")
+    assert all(torch.count_nonzero(t) > 0 for n, t in tensors.items() if n not in zeroed)
 
 
 def test_alpha_rules():

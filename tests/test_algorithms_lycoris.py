@@ -1,7 +1,7 @@
-"""LoKr, Full, Norm, IA3 and DoRA against LyCORIS' module forward and the formulas of formats.md.
+"""LoKr, Full, Norm, IA3 and DoRA against LyCORIS' module forward and the formulas of docs/formats.md.
 
 LyCORIS' forward is the oracle (its merge_to / get_diff_weight apply alpha/r twice for LoKr and
-LoHa, formats.md 2.11, so they are never used here). Every module is built on a small layer,
+LoHa, docs/formats.md 2.11, so they are never used here). Every module is built on a small layer,
 filled with random tensors, and its forward output minus the base output is compared with the
 base op run on W + m*dW from our functions.
 """
@@ -18,12 +18,10 @@ from lycoris.modules.lokr import LokrModule
 from lycoris.modules.norms import NormModule
 from torch import nn
 
-from loha_diffusion.algorithms import (ALGORITHMS, as_float_scalar, detect_algorithm, full, ia3, loha, lokr, lora,
-                                       norm)
+from formulas import apply_layer, dora_merged, ia3_delta, lokr_delta
+from loha_diffusion.algorithms import ALGORITHMS, as_float_scalar, detect_algorithm, full, ia3, loha, lokr, lora, norm
 from loha_diffusion.algorithms.dora import apply_dora, dora_axis
 from loha_diffusion.algorithms.unsupported import unsupported_algorithm
-
-from formulas import apply_layer, dora_merged, ia3_delta, lokr_delta
 
 LAYERS = {
     "linear": lambda: nn.Linear(128, 96),
@@ -147,7 +145,7 @@ def test_lokr_4d_w2b_of_the_functional_api():
 def test_lokr_on_a_meta_weight_and_a_1x1_conv_file_on_linear():
     _, _, tensors, _ = lycoris_lokr("w2_factorised")
     assert lokr.delta_weight(tensors, torch.empty(96, 128, device="meta")).shape == (96, 128)
-    # sd-scripts style 4-D tensors on a Linear target (formats.md 5.9): reshape by numel
+    # sd-scripts style 4-D tensors on a Linear target (docs/formats.md 5, item 9): reshape by numel
     as_conv = dict(tensors, lokr_w2_b=tensors["lokr_w2_b"][..., None, None])
     assert lokr.check_shapes(as_conv, (96, 128)) is None
     torch.testing.assert_close(lokr.delta_weight(as_conv, torch.empty(96, 128)),

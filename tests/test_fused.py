@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from loha_diffusion.fused import MergedAdapterOp, ThinAdapterOp, op_spec
+from loha_diffusion.fused import MergedAdapterOp, ThinAdapterOp, supports_fused_ops
 
 LAYERS = {
     "linear": (lambda: nn.Linear(6, 5), (2, 3, 6)),
@@ -28,9 +28,9 @@ def random_factors(kind, out_dim, flat_in):
 def formula_delta(kind, factors):
     if kind == "hadamard":
         u1, d1, u2, d2 = factors
-        return (u1 @ d1) * (u2 @ d2)      # formats.md 2.2
+        return (u1 @ d1) * (u2 @ d2)      # docs/formats.md 2.2
     up, down = factors
-    return up @ down                       # formats.md 2.1
+    return up @ down                       # docs/formats.md 2.1
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -41,7 +41,6 @@ def test_fused_op_matches_formula_and_finite_differences(layer, kind, op, masked
     torch.manual_seed(0)
     make, x_shape = LAYERS[layer]
     base = make().double()
-    spec = op_spec(base)
     weight = base.weight.detach().clone().requires_grad_()
     bias = base.bias.detach().clone().requires_grad_()
     factors = random_factors(kind, weight.shape[0], math.prod(weight.shape[1:]))
@@ -49,7 +48,7 @@ def test_fused_op_matches_formula_and_finite_differences(layer, kind, op, masked
     x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
 
     def fused(x, weight, bias, *factors):
-        return op.apply(spec, kind, row_scale, x, weight, bias, *factors)
+        return op.apply(base, kind, row_scale, x, weight, bias, *factors)
 
     rows = row_scale.unsqueeze(1) if masked else row_scale
     merged = weight + (rows * formula_delta(kind, factors)).view(weight.shape)
@@ -60,7 +59,8 @@ def test_fused_op_matches_formula_and_finite_differences(layer, kind, op, masked
 
 
 def test_layers_the_fused_ops_cannot_run_are_left_to_the_general_path():
-    assert op_spec(nn.Conv2d(4, 4, 3, groups=2)) is None
-    assert op_spec(nn.Conv2d(4, 4, 3, padding="same")) is None
-    assert op_spec(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) is None
-    assert op_spec(nn.Linear(3, 3)) is not None
+    assert not supports_fused_ops(nn.Conv2d(4, 4, 3, groups=2))
+    assert not supports_fused_ops(nn.Conv2d(4, 4, 3, padding="same"))
+    assert not supports_fused_ops(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert not supports_fused_ops(nn.LayerNorm(3))
+    assert supports_fused_ops(nn.Linear(3, 3)) and supports_fused_ops(nn.Conv1d(4, 4, 3, padding=1))

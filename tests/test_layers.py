@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from formulas import apply_layer, loha_delta, lora_delta
 from loha_diffusion import AdapterLayer, AdapterWeights
 from loha_diffusion.algorithms import loha, lora
-
-from formulas import apply_layer, lora_delta, loha_delta
+from loha_diffusion.layers import paths
 
 FORMULAS = {"loha": loha_delta, "lora": lora_delta}
 ALGOS = {"loha": loha, "lora": lora}
@@ -60,16 +60,17 @@ def reference_weight(wrapped, names=("a",)):
 def test_forward_and_gradients_equal_reference(kind, algo, tucker, path, route, monkeypatch):
     wrapped = wrap(make_layer(kind), algo, tucker)
     wrapped.base_layer.requires_grad_(False)
-    monkeypatch.setattr(AdapterLayer, "_prefers_thin_path", lambda self, *a: path == "thin")
+    monkeypatch.setattr(paths, "prefers_thin_path", lambda *a: path == "thin")
     used = []
     if route == "general":  # what several adapters, DoRA or mixed precision take
-        monkeypatch.setattr(AdapterLayer, "_fused_spec", lambda self, *a: None)
+        monkeypatch.setattr(paths, "fused_route_applies", lambda *a: False)
     else:
-        original = AdapterLayer._fused_forward
-        monkeypatch.setattr(AdapterLayer, "_fused_forward", lambda self, *a: used.append(1) or original(self, *a))
+        original = paths.fused_forward
+        monkeypatch.setattr(paths, "fused_forward", lambda *a: used.append(1) or original(*a))
     x = make_input(kind)
     out = wrapped(x)
-    reference_params = {k: v.detach().clone().double().requires_grad_() for k, v in wrapped.adapters["a"].params.items()}
+    reference_params = {k: v.detach().clone().double().requires_grad_()
+                        for k, v in wrapped.adapters["a"].params.items()}
     base = wrapped.base_layer
     delta = FORMULAS[algo](reference_params, base.weight.shape, 6.0)
     expected = apply_layer(base.double(), x.double(), base.weight + delta)
@@ -87,8 +88,9 @@ def test_forward_and_gradients_equal_reference(kind, algo, tucker, path, route, 
 
 def test_cost_model_picks_thin_for_few_tokens_and_merged_for_many():
     wrapped = wrap(nn.Linear(256, 256), r=8)
-    assert wrapped._prefers_thin_path(torch.randn(2, 256), ["a"], needs_grad=True)        # time_emb_proj-like
-    assert not wrapped._prefers_thin_path(torch.randn(4096, 256), ["a"], needs_grad=True)  # big token count
+    adapters = [wrapped.adapters["a"]]
+    assert paths.prefers_thin_path(wrapped.base_layer, torch.randn(2, 256), adapters, needs_grad=True)  # time_emb_proj
+    assert not paths.prefers_thin_path(wrapped.base_layer, torch.randn(4096, 256), adapters, needs_grad=True)
 
 
 @pytest.mark.parametrize("algo", ["loha", "lora"])
@@ -213,7 +215,8 @@ def test_norm_adapter_on_group_norm():
     wrapped = AdapterLayer(norm)
     wrapped.add_adapter("a", AdapterWeights("norm", {"w_norm": w_norm, "b_norm": b_norm}, None))
     x = torch.randn(2, 8, 5, 5)
-    expected = torch.nn.functional.group_norm(x.double(), 4, (norm.weight + w_norm).double(), (norm.bias + b_norm).double(), norm.eps)
+    expected = torch.nn.functional.group_norm(x.double(), 4, (norm.weight + w_norm).double(),
+                                              (norm.bias + b_norm).double(), norm.eps)
     close(wrapped(x), expected)
 
 
@@ -271,9 +274,9 @@ def test_in_place_merge_writes_the_formula_into_the_weight_and_subtracts_it_agai
     original = weight.detach().clone()
     storage = weight.data_ptr()
     wrapped.merge(scale=0.5, exact_unmerge=False)
-    expected = original.double() + 0.5 * FORMULAS[algo]({k: v.detach() for k, v in wrapped.adapters["a"].params.items()},
-                                                        original.shape, 6.0)
-    assert weight.data_ptr() == storage and wrapped._weight_backup is None  # no second copy of W
+    tensors = {k: v.detach() for k, v in wrapped.adapters["a"].params.items()}
+    expected = original.double() + 0.5 * FORMULAS[algo](tensors, original.shape, 6.0)
+    assert weight.data_ptr() == storage and wrapped.merge_state.weight_backup is None  # no second copy
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(weight.detach().double(), expected, rtol=eps, atol=1e-6)
     wrapped.unmerge()
@@ -307,3 +310,39 @@ def test_second_fuse_at_another_scale_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="fused at scale 0.5"):
         wrapped.merge(["b"], scale=1.0)
     assert wrapped.merged_adapters == ["a"] and torch.equal(wrapped.base_layer.weight, fused)
+
+
+def test_eval_cache_holds_the_formula_weight_and_a_fuse_adopts_it():
+    wrapped = wrap(make_layer("linear")).eval()
+    x = make_input("linear")
+    with torch.no_grad():
+        wrapped(x)
+    cached_weight, cached_bias = wrapped.weight_cache.params
+    close(cached_weight, reference_weight(wrapped))
+    assert cached_bias is wrapped.base_layer.bias
+    wrapped.merge()                                    # the same scale-1 weight: taken as it is
+    assert wrapped.base_layer.weight.data_ptr() == cached_weight.data_ptr()
+    assert wrapped.weight_cache.params is None         # fused: nothing left to cache
+    wrapped.unmerge()
+    wrapped.set_weight_cache(False)
+    with torch.no_grad():
+        close(wrapped(x), reference_output(wrapped, x))
+    assert wrapped.weight_cache.params is None
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_restore_merge_goes_back_to_the_snapshot(exact):
+    wrapped = wrap(make_layer("linear"))
+    wrapped.add_adapter("b", AdapterWeights("lora", lora.init_params(wrapped.weight.shape, 2, scheme="random"), 1.0),
+                        activate=False)
+    original = wrapped.base_layer.weight.detach().clone()
+    wrapped.merge(["a"], scale=0.5, exact_unmerge=exact)
+    fused_a = wrapped.base_layer.weight.detach().clone()
+    snapshot = wrapped.merge_state.snapshot()
+    wrapped.merge(["b"], scale=0.5)
+    assert wrapped.merged_adapters == ["a", "b"]
+    wrapped.restore_merge(snapshot)
+    assert wrapped.merged_adapters == ["a"] and wrapped.merge_state.in_place == (not exact)
+    torch.testing.assert_close(wrapped.base_layer.weight.detach(), fused_a, rtol=0, atol=0 if exact else 1e-6)
+    wrapped.unmerge()
+    torch.testing.assert_close(wrapped.base_layer.weight.detach(), original, rtol=0, atol=0 if exact else 1e-6)

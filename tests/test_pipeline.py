@@ -64,11 +64,11 @@ def test_loaded_adapter_matches_formula_merged_pipeline(pipe, tmp_path, algo):
     close_images(image, reference)
     pipe.disable_loha_weight_cache()          # applied per call instead, thin or merged
     close_images(run_tiny_pipeline(pipe, PROMPT), reference)
-    assert all(m._cached_params is None for m in pipe.unet.modules() if isinstance(m, AdapterLayer))
+    assert all(m.weight_cache.params is None for m in pipe.unet.modules() if isinstance(m, AdapterLayer))
     pipe.enable_loha_weight_cache()
     run_tiny_pipeline(pipe, PROMPT)
     layers = [m for m in pipe.unet.modules() if isinstance(m, AdapterLayer)]
-    cached = [m._cached_params[0].data_ptr() for m in layers]
+    cached = [m.weight_cache.params[0].data_ptr() for m in layers]
     pipe.fuse_loha()                          # takes the cached effective weights as they are
     assert [m.base_layer.weight.data_ptr() for m in layers] == cached
     close_images(run_tiny_pipeline(pipe, PROMPT), reference)

@@ -13,7 +13,7 @@ import torch
 
 
 def alpha_scale(alpha: float | None, rank: int) -> float:
-    """scale = alpha / rank, with the community rules for odd alphas (formats.md 2.0).
+    """scale = alpha / rank, with the community rules for odd alphas (docs/formats.md 2.0).
 
     A missing alpha means scale 1 (old kohya files). An alpha of 0 also means scale 1: kohya
     and LyCORIS replace 0 by the rank when they build a network, and read files the same way.

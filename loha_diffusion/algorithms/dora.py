@@ -1,4 +1,4 @@
-"""DoRA / weight decomposition (``dora_scale``; LoRA, LoHa, LoKr), formats.md section 2.6.
+"""DoRA / weight decomposition (``dora_scale``; LoRA, LoHa, LoKr), docs/formats.md section 2.6.
 
 Not an algorithm of its own: a magnitude applied on top of any delta. With V = W + scale*dW
 (alpha/r already applied, the strength m not yet), N = ||V|| along one axis and

@@ -1,4 +1,4 @@
-"""Full / diff (LyCORIS ``full``, ``extract_locon`` fallback): dW = diff, formats.md section 2.4.
+"""Full / diff (LyCORIS ``full``, ``extract_locon`` fallback): dW = diff, docs/formats.md section 2.4.
 
 Tensors: ``diff`` (the trained weight minus the base, exactly the weight's shape) and
 optional ``diff_b`` (the bias change). No rank and no alpha: scale 1.
@@ -12,6 +12,7 @@ import torch
 NAME = "full"
 REQUIRED = ("diff",)
 OPTIONAL = ("diff_b",)
+READS_WEIGHT = False
 
 
 def detect(params) -> bool:
@@ -52,3 +53,11 @@ def check_shapes(params, weight_shape) -> str | None:
         return (f"full diff_b has shape {tuple(params['diff_b'].shape)} but the layer has "
                 f"{weight_shape[0]} outputs (one bias value each)")
     return None
+
+
+# Capabilities this algorithm lacks (base.Algorithm documents each).
+low_rank_factors = None
+fused_factors = None
+thin_rank = None
+build_cost = None
+init_params = None

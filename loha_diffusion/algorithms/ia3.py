@@ -1,4 +1,4 @@
-"""IA3 (LyCORIS ``ia3``): a learned per-channel rescaling, formats.md section 2.5.
+"""IA3 (LyCORIS ``ia3``): a learned per-channel rescaling, docs/formats.md section 2.5.
 
 W' = W * (1 + m*w), with w broadcast along the output rows, or along the input columns when
 ``on_input`` is true; as an additive delta, dW = W * w. Unlike the other algorithms the delta
@@ -62,3 +62,12 @@ def check_shapes(params, weight_shape) -> str | None:
                 f"{weight_shape[axis]} {side} channels (expected ({weight_shape[axis]},) or "
                 f"(1, {weight_shape[axis]}, 1, ...))")
     return None
+
+
+# Capabilities this algorithm lacks (base.Algorithm documents each).
+delta_bias = None
+low_rank_factors = None
+fused_factors = None
+thin_rank = None
+build_cost = None
+init_params = None

@@ -1,4 +1,4 @@
-"""LoHa (LyCORIS ``loha``): dW = (w1_a @ w1_b) * (w2_a @ w2_b), formats.md section 2.2.
+"""LoHa (LyCORIS ``loha``): dW = (w1_a @ w1_b) * (w2_a @ w2_b), docs/formats.md section 2.2.
 
 Tensors (community names and layouts):
   plain   hada_w{1,2}_a (out, r), hada_w{1,2}_b (r, in*k*k)  (conv ``_b`` flattened)
@@ -15,6 +15,7 @@ from .common import alpha_scale, khatri_rao_pair, pair_shape_error, tucker_down,
 NAME = "loha"
 REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 OPTIONAL = ("hada_t1", "hada_t2")
+READS_WEIGHT = False
 
 
 def detect(params) -> bool:
@@ -39,7 +40,7 @@ def half_factors(params, index: int, legacy_tucker: bool = False):
     w_b = params[f"hada_w{index}_b"].float()
     if not is_tucker(params):
         return w_a, w_b.flatten(1)
-    # LyCORIS <= 1.9 trained Tucker files with t1 in both halves (formats.md edge case 11).
+    # LyCORIS <= 1.9 trained Tucker files with t1 in both halves (docs/formats.md 5, item 11).
     core = params["hada_t1" if legacy_tucker else f"hada_t{index}"].float()
     return w_a.t(), tucker_down(core, w_b)
 
@@ -138,3 +139,7 @@ def init_params(shape, r: int, use_tucker: bool = False, scheme: str = "lycoris"
     else:
         raise ValueError(f"unknown init scheme {scheme!r}: expected 'lycoris', 'peft' or 'random'")
     return params
+
+
+# Capabilities this algorithm lacks (base.Algorithm documents each).
+delta_bias = None

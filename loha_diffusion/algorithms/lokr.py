@@ -1,4 +1,4 @@
-"""LoKr (LyCORIS ``lokr``/``kron``): dW = kron(w1, w2), formats.md section 2.3.
+"""LoKr (LyCORIS ``lokr``/``kron``): dW = kron(w1, w2), docs/formats.md section 2.3.
 
 Tensors (community names and layouts), with out = a*b and in = c*d:
   w1       lokr_w1 (a, c)  or  lokr_w1_a (a, r), lokr_w1_b (r, c)       (``decompose_both``)
@@ -22,6 +22,7 @@ from .common import alpha_scale, tucker_down
 NAME = "lokr"
 REQUIRED = ()
 OPTIONAL = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+READS_WEIGHT = False
 
 
 def detect(params) -> bool:
@@ -180,3 +181,11 @@ def init_params(shape, r: int, use_tucker: bool = False, scheme: str = "lycoris"
         else:
             torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
     return params
+
+
+# Capabilities this algorithm lacks (base.Algorithm documents each).
+delta_bias = None
+low_rank_factors = None
+fused_factors = None
+thin_rank = None
+build_cost = None

@@ -1,4 +1,4 @@
-"""LoRA / LoCon (kohya, LyCORIS ``locon``): dW = up @ [mid] @ down, formats.md section 2.1.
+"""LoRA / LoCon (kohya, LyCORIS ``locon``): dW = up @ [mid] @ down, docs/formats.md section 2.1.
 
 Tensors: lora_down.weight (r, in) or (r, in, k, k) [Tucker: (r, in, 1, 1)],
 lora_up.weight (out, r) or (out, r, 1, 1), optional lora_mid.weight (r, r, k, k).
@@ -14,6 +14,7 @@ from .common import alpha_scale, pair_shape_error, tucker_down, tucker_flat_in
 NAME = "lora"
 REQUIRED = ("lora_down.weight", "lora_up.weight")
 OPTIONAL = ("lora_mid.weight",)
+READS_WEIGHT = False
 
 
 def detect(params) -> bool:
@@ -84,8 +85,12 @@ def init_params(shape, r: int, use_tucker: bool = False, scheme: str = "lycoris"
     params = {name: torch.empty(size) for name, size in shapes.items()}
     if scheme not in ("lycoris", "peft", "random"):
         raise ValueError(f"unknown init scheme {scheme!r}: expected 'lycoris', 'peft' or 'random'")
-    for name, p in params.items():
+    for p in params.values():
         torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
     if scheme != "random":
         torch.nn.init.zeros_(params["lora_up.weight"])
     return params
+
+
+# Capabilities this algorithm lacks (base.Algorithm documents each).
+delta_bias = None

@@ -1,5 +1,5 @@
 """Norm (LyCORIS ``norm``, ``train_norm``): additive changes to a LayerNorm / GroupNorm's affine
-parameters, formats.md section 2.8: weight' = weight + m*w_norm, bias' = bias + m*b_norm.
+parameters, docs/formats.md section 2.8: weight' = weight + m*w_norm, bias' = bias + m*b_norm.
 
 Tensors: ``w_norm`` (C,) and optional ``b_norm`` (C,). ComfyUI accepts ``w_norm`` alone;
 AUTOMATIC1111 wants both. No rank and no alpha: scale 1.
@@ -13,6 +13,7 @@ import torch
 NAME = "norm"
 REQUIRED = ("w_norm",)
 OPTIONAL = ("b_norm",)
+READS_WEIGHT = False
 
 
 def detect(params) -> bool:
@@ -48,3 +49,11 @@ def check_shapes(params, weight_shape) -> str | None:
             return (f"norm {name} has shape {tuple(params[name].shape)} but the normalisation layer's "
                     f"weight is {weight_shape}")
     return None
+
+
+# Capabilities this algorithm lacks (base.Algorithm documents each).
+low_rank_factors = None
+fused_factors = None
+thin_rank = None
+build_cost = None
+init_params = None

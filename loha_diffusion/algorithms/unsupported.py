@@ -1,4 +1,4 @@
-"""Recognise adapter algorithms that loha_diffusion does not apply (formats.md 2.7, 2.9, 2.10, 5.15).
+"""Recognise adapter algorithms that loha_diffusion does not apply (docs/formats.md 2.7, 2.9, 2.10 and 5, item 15).
 
 A loader that finds these tensors should refuse the file with the algorithm's name rather than
 skip them as unknown keys: silently dropping part of an adapter changes the image.
