@@ -46,8 +46,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_data  # noqa: E402  (lives next to this script)
-
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDPMScheduler,
@@ -56,6 +54,8 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+import demo_data  # noqa: E402  (lives next to this script)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

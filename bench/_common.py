@@ -2,7 +2,7 @@
 
 Everything is built from configs with seeded random weights (no hub access). The shapes
 follow SD1.5 (block types, cross-attention width 768, CLIP-L text width) at reduced depth /
-channel counts so that a CPU training step takes about a second.
+channel counts so that a CPU training step stays short.
 """
 from __future__ import annotations
 

@@ -64,12 +64,23 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    TEXT_ENCODER_TARGETS, UNET_TARGETS, OtherLoad, build_clip_l_text_encoder, build_sd15_unet, configure_threads,
-    current_rss_mib, release_freed_memory, reset_peak_rss, seeded, status_mib, wait_for_idle)
-
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+
+from _common import (  # noqa: E402
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    OtherLoad,
+    build_clip_l_text_encoder,
+    build_sd15_unet,
+    configure_threads,
+    current_rss_mib,
+    release_freed_memory,
+    reset_peak_rss,
+    seeded,
+    status_mib,
+    wait_for_idle,
+)
 
 RANK = 16
 ALPHA = 8.0
@@ -309,8 +320,8 @@ def run_loha_diffusion(path, pipe, snapshot, inputs, args, result, denoise=True)
     result["modules_loaded"] = n_layers
     log(f"  {n_layers} adapter layers")
     # fuse_loha(exact_unfuse=False) first, right after the load as a user would: in place, no
-    # backup (as PEFT merges); its unfuse subtracts again. Its time follows the host's state:
-    # 0.9 s and 2.7-2.8 s in the rounds of one run, with the same ~5 thousand page faults.
+    # backup (as PEFT merges); its unfuse subtracts again. Its time varies with the host's state,
+    # not with the work done (fast and slow runs had the same page-fault count: docs/performance.md).
     with Stage(st, "fuse in place", args.idle_wait):
         loha_diffusion.fuse_loha(pipe, exact_unfuse=False)
     with Stage(st, "unfuse in place", args.idle_wait):

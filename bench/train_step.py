@@ -10,7 +10,8 @@ Implementations, side by side in one process (each on its own deep copy of the s
 A step: text encoder forward on fixed token ids (batch 2 x 77), UNet forward on noisy latents
 (2 x 4 x 32 x 32) at random timesteps, MSE against the noise, backward, AdamW(lr=1e-4) step,
 zero_grad. The AdamW variant is the same for every implementation: ``--optimizer fused`` (the
-default, what train_scripts/train_loha_sd.py uses), ``foreach`` or ``loop`` (torch's CPU default). fp32, train mode. Timing: one warm-up step each, then ``--rounds`` rounds of one step
+default, what train_scripts/train_loha_sd.py uses), ``foreach`` or ``loop`` (torch's CPU default).
+fp32, train mode. Timing: one warm-up step each, then ``--rounds`` rounds of one step
 per implementation (the starting implementation rotates each round); the median is reported.
 The machine's cores may be shared: each timed step first waits (``--idle-wait``) for other
 processes to go idle and is re-run (``--retries``) if they were busy during it; the CPU cores
@@ -37,14 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    TEXT_ENCODER_TARGETS, UNET_TARGETS, OtherLoad, build_clip_l_text_encoder, build_sd15_unet, clip_token_ids,
-    configure_threads, current_rss_mib, max_rss_mib, release_freed_memory, reset_peak_rss, seeded, status_mib,
-    wait_for_idle)
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+from _common import (  # noqa: E402
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    OtherLoad,
+    build_clip_l_text_encoder,
+    build_sd15_unet,
+    clip_token_ids,
+    configure_threads,
+    current_rss_mib,
+    max_rss_mib,
+    release_freed_memory,
+    reset_peak_rss,
+    seeded,
+    status_mib,
+    wait_for_idle,
+)
 
 RANK = 8
 ALPHA = 8
@@ -385,7 +398,8 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--unet-channels: expected 4 comma-separated integers, got {args.unet_channels!r}")
     if len(unet_channels) != 4 or any(c <= 0 or c % 32 for c in unet_channels):
-        parser.error(f"--unet-channels: expected 4 positive multiples of 32 (GroupNorm groups), got {args.unet_channels!r}")
+        parser.error("--unet-channels: expected 4 positive multiples of 32 (GroupNorm groups), "
+                     f"got {args.unet_channels!r}")
 
     if args.measure_memory:
         if args.measure_memory not in NAMES:
@@ -403,7 +417,9 @@ def main(argv=None) -> int:
         parser.error("--retries must be >= 0")
 
     threads = configure_threads()
-    import diffusers, peft, transformers  # noqa: E401
+    import diffusers
+    import peft
+    import transformers
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}; threads {threads}; fp32 CPU")
     # Memory first: each subprocess inherits this process's RSS through exec (see max_rss_mib),
@@ -511,8 +527,8 @@ def main(argv=None) -> int:
                      "trainable_params": impl.n_trainable, "adapted_modules": c["unet"] + c["text_encoder"],
                      "adapted_unet": c["unet"], "adapted_text_encoder": c["text_encoder"], "losses": losses[name]})
 
-    print(f"\nmedian of {args.rounds} rounds, UNet channels {unet_channels}, batch {BATCH}, 32x32 latents, 77 tokens, {threads} threads, fp32, AdamW {optimizer_variant}; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+    print(f"\nmedian of {args.rounds} rounds, UNet channels {unet_channels}, batch {BATCH}, 32x32 latents, 77 tokens, "
+          f"{threads} threads, fp32, AdamW {optimizer_variant}; load average now {os.getloadavg()[0]:.2f}")
     header = (f"{'implementation':15s} {'s/step':>8s} {'other':>5s} {'/PEFT LoHa':>10s} {'/PEFT LoRA':>10s} "
               f"{'peak MiB':>9s} {'trainable':>11s} {'modules':>8s}")
     print(header)
@@ -550,7 +566,8 @@ def main(argv=None) -> int:
 
     if args.json:
         out = {"config": {"rounds": args.rounds, "threads": threads, "batch": BATCH, "rank": RANK, "alpha": ALPHA,
-                          "lr": LR, "unet_channels": unet_channels, "torch": torch.__version__, "peft": peft.__version__},
+                          "lr": LR, "unet_channels": unet_channels, "torch": torch.__version__,
+                          "peft": peft.__version__},
                "setup_check": check, "results": rows, "memory": memory, "targets": targets}
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"figures written to {args.json}")

@@ -161,3 +161,78 @@ def test_make_demo_model_quick(tmp_path):
     ids = p.tokenizer(demo_data.CONCEPT_PROMPT).input_ids
     assert p.tokenizer.convert_ids_to_tokens(ids) == [
         "<|startoftext|>", "a</w>", "sks</w>", "shape</w>", "<|endoftext|>"]
+
+
+# --------------------------------------------------------------------------- where the trainer finds the demo
+
+
+def test_demo_assets_flag_points_the_demo_at_a_folder(tmp_path):
+    from loha_diffusion.training.args import parse_args
+
+    args = parse_args(["--demo_assets", str(ASSETS), "--output_dir", str(tmp_path)])
+    assert args.demo and args.demo_assets == str(ASSETS)
+    assert args.pretrained_model_name_or_path == str(MODEL_DIR)
+    assert args.instance_data_dir == str(ASSETS / "demo-instance")
+    assert args.class_prompt == str(ASSETS / "demo-class-prompts.txt")
+
+
+def fake_demo_folder(root: Path) -> Path:
+    """The four things the trainer needs from a demo folder, as empty stand-ins."""
+    (root / "demo-model").mkdir(parents=True)
+    (root / "demo-model" / "model_index.json").write_text("{}")
+    (root / "demo-instance").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "demo-instance" / "0.png")
+    (root / "demo-class-prompts.txt").write_text("a shape\n")
+    (root / "demo_data.py").write_text("")
+    return root
+
+
+@pytest.fixture
+def installed_demo(tmp_path, monkeypatch):
+    """A stand-in ``loha_diffusion.demo_assets`` package on loha_diffusion's package path, found
+    before any installed copy, as package data of an installed wheel would be."""
+    import loha_diffusion
+
+    package = fake_demo_folder(tmp_path / "site" / "demo_assets")
+    (package / "__init__.py").write_text("")
+    monkeypatch.setattr(loha_diffusion, "__path__", [str(tmp_path / "site"), *loha_diffusion.__path__])
+    saved = sys.modules.pop("loha_diffusion.demo_assets", None)
+    yield package
+    sys.modules.pop("loha_diffusion.demo_assets", None)
+    if saved is not None:
+        sys.modules["loha_diffusion.demo_assets"] = saved
+
+
+def test_without_the_flag_the_demo_comes_from_the_installed_package(installed_demo, tmp_path):
+    from loha_diffusion.training.args import find_demo_assets, parse_args
+
+    assert find_demo_assets(None) == installed_demo
+    args = parse_args(["--output_dir", str(tmp_path / "out")])
+    assert args.demo_assets == str(installed_demo)
+    assert args.pretrained_model_name_or_path == str(installed_demo / "demo-model")
+    # an explicit folder wins over the installed one
+    assert find_demo_assets(str(ASSETS)) == ASSETS
+
+
+def test_missing_demo_assets_fail_with_what_to_do(monkeypatch, tmp_path, capsys):
+    from loha_diffusion.training import args as training_args
+    from loha_diffusion.training.loop import main
+
+    monkeypatch.setattr(training_args, "DEMO_PACKAGE", "loha_diffusion.no_demo_installed_here")
+    assert main(["--output_dir", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "embedded demo" in message and "--demo_assets DIR" in message and "pip install" in message
+
+    with pytest.raises(training_args.UsageError) as raised:
+        training_args.find_demo_assets(str(tmp_path))
+    assert str(tmp_path) in str(raised.value)
+    for missing in ("demo-model/model_index.json", "demo-instance/", "demo-class-prompts.txt", "demo_data.py"):
+        assert missing in str(raised.value)
+
+
+def test_demo_assets_flag_is_refused_when_a_model_is_given(tmp_path):
+    from loha_diffusion.training.args import UsageError, parse_args
+
+    with pytest.raises(UsageError, match="--demo_assets is read only by the embedded demo"):
+        parse_args(["--pretrained_model_name_or_path", str(tmp_path), "--instance_data_dir",
+                    str(ASSETS / "demo-instance"), "--instance_prompt", "x", "--demo_assets", str(ASSETS)])

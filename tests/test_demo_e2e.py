@@ -1,8 +1,10 @@
 """End to end: the default training run teaches the demo model a concept it could not draw.
 
-Runs the trainer with no flags (the embedded demo: "a sks shape" = a purple star, with prior
-preservation), loads the written file into a fresh pipeline with ``pipe.load_loha_weights``,
-generates with fixed seeds and scores the pixels (assets/demo_data.py) against the base model.
+Runs the trainer with the demo's defaults ("a sks shape" = a purple star, with prior
+preservation; the checkout's assets/ given with --demo_assets, so the test does not depend on how
+the package is installed), loads the written file into a fresh pipeline with
+``pipe.load_loha_weights``, generates with fixed seeds and scores the pixels (assets/demo_data.py)
+against the base model.
 """
 import importlib.util
 from pathlib import Path
@@ -13,13 +15,13 @@ import torch
 import loha_diffusion  # noqa: F401
 from loha_diffusion.training.loop import main
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "assets" / "demo-model"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MODEL = ASSETS / "demo-model"
 pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="demo model not built")
 
 
 def demo_data():
-    spec = importlib.util.spec_from_file_location("demo_data", REPO / "assets" / "demo_data.py")
+    spec = importlib.util.spec_from_file_location("demo_data", ASSETS / "demo_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,7 +38,7 @@ def test_default_run_teaches_the_concept(tmp_path):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     out = tmp_path / "demo"
-    assert main(["--output_dir", str(out), "--report_to", "none"]) == 0
+    assert main(["--output_dir", str(out), "--report_to", "none", "--demo_assets", str(ASSETS)]) == 0
     adapter = out / "sks-shape-loha.safetensors"
     for produced in (adapter, out / "before_after.png", out / "loss.png", out / "demo_scores.json", out / "README.md"):
         assert produced.is_file(), produced

@@ -137,7 +137,8 @@ def test_low_cpu_mem_usage_keeps_tensors_on_meta_until_loaded():
 def test_bad_state_dict_loads_nothing():
     wrapped = LoHaModel(tiny_text_encoder(), LoHaConfig(r=2, target_modules=["q_proj"]))
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    good = {k.replace(".adapters.default", ""): torch.ones_like(v) for k, v in before.items() if ".adapters.default." in k}
+    good = {k.replace(".adapters.default", ""): torch.ones_like(v)
+            for k, v in before.items() if ".adapters.default." in k}
     bad = dict(good)
     bad[next(iter(bad))] = torch.ones(3, 3)
     with pytest.raises(ValueError, match="wrong shapes"):

@@ -83,7 +83,8 @@ def test_text_encoder_linear_modules(sd15, sdxl):
     te = sd15.text_encoder
     # transformers 5: CLIPTextModel has no `text_model` child
     layer = "encoder.layers.0"
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                 "mlp.fc1", "mlp.fc2"):
         assert isinstance(_module(te, f"{layer}.{name}"), torch.nn.Linear), name
     assert te.config.vocab_size == len(sd15.tokenizer)
     assert te.config.hidden_size == sd15.unet.config.cross_attention_dim

@@ -16,7 +16,6 @@ import loha_diffusion  # noqa: F401
 from loha_diffusion.training.data import DreamBoothDataset, Example, collate
 from loha_diffusion.training.loop import main
 from loha_diffusion.training.loss import dreambooth_loss, min_snr_weights, snr, training_target
-
 from tiny_models import tiny_sd15_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +196,8 @@ def test_two_processes_write_one_file(setup, tmp_path):
 
 
 def cli_command(setup, out, *extra, steps=3):
-    return [sys.executable, str(REPO / "train_scripts" / "train_loha_sd.py"), *train_args(setup, out, *extra, steps=steps)]
+    return [sys.executable, str(REPO / "train_scripts" / "train_loha_sd.py"),
+            *train_args(setup, out, *extra, steps=steps)]
 
 
 def test_bf16_mixed_precision_keeps_adapters_fp32_and_learns(setup, tmp_path):
@@ -227,8 +227,8 @@ def test_gradient_checkpointing_changes_memory_not_results(setup, tmp_path, one_
 
 
 def test_gradient_accumulation_counts_optimizer_steps(setup, tmp_path):
-    out = run(setup, tmp_path / "acc", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--repeats", "4",
-              "--lr_scheduler", "linear", "--learning_rate", "1e-3", steps=3)
+    out = run(setup, tmp_path / "acc", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
+              "--repeats", "4", "--lr_scheduler", "linear", "--learning_rate", "1e-3", steps=3)
     state = json.loads((out / "checkpoint-2" / "state.json").read_text())
     assert (state["global_step"], state["micro_step"]) == (2, 4)   # two micro-batches per optimizer step
     history = json.loads((out / "loss_history.json").read_text())
@@ -296,7 +296,8 @@ def test_command_line_flags_win_over_the_demo_settings(monkeypatch, tmp_path):
     from loha_diffusion.training.args import parse_args
 
     monkeypatch.setattr(sys, "argv", ["train_loha_sd.py", "--output_dir", str(tmp_path / "mine"),
-                                      "--max_train_steps=7"])
+                                      "--max_train_steps=7", "--demo_assets", str(REPO / "assets")])
     args = parse_args()  # as the script calls it: argv from sys.argv
     assert args.demo and args.instance_prompt == "a sks shape"          # the demo otherwise
+    assert args.pretrained_model_name_or_path == str(REPO / "assets" / "demo-model")
     assert (args.output_dir, args.max_train_steps) == (str(tmp_path / "mine"), 7)

@@ -121,7 +121,8 @@ def _tiny_clip_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def write_tiny_clip_tokenizer(directory: str | os.PathLike, model_max_length: int = TINY_MAX_POSITION_EMBEDDINGS) -> str:
+def write_tiny_clip_tokenizer(directory: str | os.PathLike,
+                              model_max_length: int = TINY_MAX_POSITION_EMBEDDINGS) -> str:
     """Write a small byte-level CLIP BPE tokenizer to ``directory`` and return the path.
 
     Vocab: the 256 byte-level characters, the same with the ``</w>`` suffix, the results

@@ -3,14 +3,17 @@ and their validation, which runs before any model is loaded."""
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL = REPO_ROOT / "assets" / "demo-model"
-DEMO_INSTANCE_DIR = REPO_ROOT / "assets" / "demo-instance"
-DEMO_CLASS_PROMPTS = REPO_ROOT / "assets" / "demo-class-prompts.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# The embedded demo: the repository's assets/ folder, installed as this subpackage (setup.py).
+DEMO_PACKAGE = "loha_diffusion.demo_assets"
+DEMO_MODEL, DEMO_INSTANCES, DEMO_CLASS_PROMPTS, DEMO_SCORER = (
+    "demo-model", "demo-instance", "demo-class-prompts.txt", "demo_data.py")
+DEMO_CONCEPT_PROMPT, DEMO_CLASS_PROMPT = "a sks shape", "a shape"
 
 
 class UsageError(ValueError):
@@ -21,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_loha_sd.py",
         description="DreamBooth-style LoHa / LoRA / LoKr training for Stable Diffusion 1.x/2.x. "
-                    "With no flags it trains the embedded demo (assets/).")
+                    "With no flags it trains the embedded demo (a purple star on a small shapes model).")
     add = p.add_argument
     # model and data
     add("--pretrained_model_name_or_path", default=None,
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation_inference_steps", type=int, default=25)
     add("--report_to", default="tensorboard", help="tensorboard, or none")
     add("--logging_dir", default="logs")
+    add("--demo_assets", default=None, metavar="DIR",
+        help="the demo's folder (assets/ of a checkout); default: the copy installed with the package")
     return p
 
 
@@ -114,20 +119,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def installed_demo_assets() -> Path | None:
+    """The demo folder installed with the package, or None (e.g. a checkout that is not installed)."""
+    try:
+        root = importlib.resources.files(DEMO_PACKAGE)
+    except ModuleNotFoundError:
+        return None
+    # diffusers reads the model from a folder, so only an install on disk will do
+    return root if isinstance(root, Path) else None
+
+
+def find_demo_assets(folder: str | None) -> Path:
+    """``--demo_assets`` if given, else the installed copy; UsageError if neither holds the demo."""
+    if folder is None:
+        root = installed_demo_assets()
+        if root is None:
+            raise UsageError(
+                f"no --pretrained_model_name_or_path, so the embedded demo runs, but its assets ({DEMO_PACKAGE}) are "
+                "not installed. Install the package (`pip install -e \".[train]\"` in a checkout), or pass "
+                "--demo_assets DIR (the assets/ folder of a loha_diffusion checkout), or give a model to train with "
+                "--pretrained_model_name_or_path")
+        where = "the installed demo assets"
+    else:
+        root, where = Path(folder), "--demo_assets"
+    wanted = {f"{DEMO_MODEL}/model_index.json": (root / DEMO_MODEL / "model_index.json").is_file(),
+              f"{DEMO_INSTANCES}/ with images": (root / DEMO_INSTANCES).is_dir() and _has_images(root / DEMO_INSTANCES),
+              DEMO_CLASS_PROMPTS: (root / DEMO_CLASS_PROMPTS).is_file(), DEMO_SCORER: (root / DEMO_SCORER).is_file()}
+    missing = [name for name, present in wanted.items() if not present]
+    if missing:
+        raise UsageError(f"{where} {root} is not the demo's folder: it lacks {', '.join(missing)}; point "
+                         "--demo_assets at the assets/ folder of a loha_diffusion checkout")
+    return root
+
+
 def apply_demo_defaults(args, argv) -> None:
     """The embedded demo: teach 'a sks shape' (a purple star) to the small shapes model."""
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    if not DEMO_MODEL.is_dir():
-        raise UsageError(f"no --pretrained_model_name_or_path and the embedded demo model is missing ({DEMO_MODEL}); "
-                         "pass a model, or restore assets/ from the repository")
-    demo = {"pretrained_model_name_or_path": str(DEMO_MODEL), "instance_data_dir": str(DEMO_INSTANCE_DIR),
-            "instance_prompt": "a sks shape", "with_prior_preservation": True,
-            "class_prompt": str(DEMO_CLASS_PROMPTS), "num_class_images": 100, "class_guidance_scale": 3.0,
+    assets = find_demo_assets(args.demo_assets)
+    args.demo_assets = str(assets)
+    demo = {"pretrained_model_name_or_path": str(assets / DEMO_MODEL),
+            "instance_data_dir": str(assets / DEMO_INSTANCES), "instance_prompt": DEMO_CONCEPT_PROMPT,
+            "with_prior_preservation": True, "class_prompt": str(assets / DEMO_CLASS_PROMPTS),
+            "num_class_images": 100, "class_guidance_scale": 3.0,
             "resolution": 32, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "train_text_encoder": True,
             "max_train_steps": 800, "train_batch_size": 5, "checkpointing_steps": 400,
-            "validation_prompt": ["a sks shape", "a shape"], "validation_steps": 400, "num_validation_images": 4,
-            "validation_guidance_scale": 1.5, "output_dir": "loha-output/demo", "output_name": "sks-shape-loha",
-            "random_flip": True}
+            "validation_prompt": [DEMO_CONCEPT_PROMPT, DEMO_CLASS_PROMPT], "validation_steps": 400,
+            "num_validation_images": 4, "validation_guidance_scale": 1.5, "output_dir": "loha-output/demo",
+            "output_name": "sks-shape-loha", "random_flip": True}
     for key, value in demo.items():
         if f"--{key}" not in given:
             setattr(args, key, value)
@@ -142,6 +180,9 @@ def _has_images(folder: Path) -> bool:
 def validate(args) -> None:
     """Every check that needs no model: one clear message per problem."""
     problems = []
+    if args.demo_assets is not None and not args.demo:
+        problems.append("--demo_assets is read only by the embedded demo, which runs when no "
+                        "--pretrained_model_name_or_path is given")
     if args.instance_data_dir is None and args.dataset_name is None:
         problems.append("give the training images: --instance_data_dir FOLDER or --dataset_name NAME")
     if args.instance_data_dir is not None and args.dataset_name is not None:

@@ -17,10 +17,10 @@ from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config
 from .args import UsageError, parse_args
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import DreamBoothDataset, class_prompts, collate, load_folder, load_hf_dataset
+from .demo import demo_samples, report_demo_scores
 from .loss import dreambooth_loss, min_snr_weights, snr, training_target
 from .output import write_outputs
 from .text import encode, tokenize
-from .demo import demo_samples, report_demo_scores
 from .validation import generate, save_before_after, save_grid
 
 logger = logging.getLogger("loha_diffusion.train")
@@ -143,7 +143,8 @@ def train(args, instances) -> int:
         cpu=multi_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)))
     refuse_parameter_sharding(accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -266,7 +267,7 @@ def train(args, instances) -> int:
     if accelerator.is_main_process and args.validation_prompt:
         with adapters_disabled(*unwrapped.values()):  # the base model, also when resuming
             before = [images_for(prompt) for prompt in args.validation_prompt]
-            demo_before = demo_samples(args, images_for) if args.demo else None
+            demo_before = demo_samples(images_for) if args.demo else None
 
     unet.train()
     text_encoder.train(args.train_text_encoder)
@@ -353,7 +354,8 @@ def train(args, instances) -> int:
             after = [images_for(prompt) for prompt in args.validation_prompt]
             sample = save_before_after(before, after, args.validation_prompt, output_dir / "before_after.png")
         if args.demo:
-            report_demo_scores(demo_before, demo_samples(args, images_for), output_dir / "demo_scores.json")
+            report_demo_scores(demo_before, demo_samples(images_for), output_dir / "demo_scores.json",
+                               args.demo_assets)
         paths = write_outputs(args, unwrapped, history, sample, started, counters["global_step"], len(instances),
                               len(classes or []), prediction_type)
         print(f"\nSaved the adapter to {paths['adapter']}\nLoad it with:\n"

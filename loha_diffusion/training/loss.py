@@ -1,5 +1,8 @@
-"""The diffusion objective: target by prediction type, min-SNR weights, prior-preservation split
-(trainers.md 4.1-4.3)."""
+"""The diffusion objective: target by prediction type, min-SNR weights, prior-preservation split.
+
+As diffusers' examples/dreambooth/train_dreambooth_lora.py and examples/text_to_image/train_text_to_image.py
+compute them (min-SNR: the same weights as kohya-ss/sd-scripts library/custom_train_functions.py
+``apply_snr_weight``); the target's kind comes from the scheduler config, never from a flag."""
 from __future__ import annotations
 
 import torch

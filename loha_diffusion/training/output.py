@@ -9,6 +9,7 @@ from pathlib import Path
 from ..metadata import kohya_metadata
 from ..writer import SAVE_DTYPES, kohya_state_dict, pipeline_family
 from ..io import save_state_dict
+from .plot import plot_losses
 
 
 def training_metadata(args, steps, n_instance, n_class, started) -> dict[str, str]:
@@ -30,33 +31,6 @@ def training_metadata(args, steps, n_instance, n_class, started) -> dict[str, st
         "ss_network_dropout": None, "ss_training_comment": "trained with loha_diffusion",
     }
     return {k: "None" if v is None else str(v) for k, v in fields.items()}
-
-
-def plot_losses(history: list[dict], path: Path) -> Path:
-    """A plain loss-curve PNG (PIL only): raw loss in grey, a moving average in blue."""
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 640, 320, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    losses = [h["loss"] for h in history]
-    if losses:
-        window = max(1, len(losses) // 50)
-        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                  for i in range(len(losses))]
-        top, bottom = max(losses), min(losses)
-        span = (top - bottom) or 1.0
-
-        def point(i, value):
-            x = margin + (width - 2 * margin) * i / max(1, len(losses) - 1)
-            return x, height - margin - (height - 2 * margin) * (value - bottom) / span
-
-        draw.line([point(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190), width=1)
-        draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
-        draw.text((margin, 8), f"training loss: {len(losses)} steps, min {bottom:.4f}, max {top:.4f}", fill="black")
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    image.save(path)
-    return path
 
 
 def write_outputs(args, models: dict, history, sample_image, started, steps, n_instance, n_class,

@@ -1,4 +1,6 @@
-"""Prompt encoding as Stable Diffusion trains it, with kohya's clip-skip (trainers.md 4.4)."""
+"""Prompt encoding as Stable Diffusion trains it (padded to the tokenizer's max length, no attention
+mask), with kohya's clip-skip (kohya-ss/sd-scripts library/strategy_sd.py; diffusers' pipelines count
+one less: their clip_skip=1 is kohya's 2)."""
 from __future__ import annotations
 
 import torch
@@ -17,5 +19,5 @@ def encode(text_encoder, input_ids: torch.Tensor, clip_skip: int | None = None) 
     output = text_encoder(input_ids, output_hidden_states=True)
     model = text_encoder.module if hasattr(text_encoder, "module") else text_encoder
     # transformers 5 dropped CLIPTextModel's ``text_model`` child; 4.x still has it
-    final_norm = getattr(getattr(model, "text_model", model), "final_layer_norm")
+    final_norm = getattr(model, "text_model", model).final_layer_norm
     return final_norm(output.hidden_states[-clip_skip])

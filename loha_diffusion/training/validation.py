@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 
-
 from .text import encode, tokenize
 
 
