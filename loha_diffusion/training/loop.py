@@ -16,7 +16,15 @@ from ..model import adapters_disabled, inject_adapter
 from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config
 from .args import UsageError, parse_args
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import DreamBoothDataset, class_prompts, collate, load_folder, load_hf_dataset
+from .data import (
+    DreamBoothDataset,
+    EpochSampler,
+    class_prompts,
+    collate,
+    ensure_class_images,
+    load_folder,
+    load_hf_dataset,
+)
 from .demo import demo_samples, report_demo_scores
 from .loss import dreambooth_loss, min_snr_weights, snr, training_target
 from .output import write_outputs
@@ -24,23 +32,6 @@ from .text import encode, tokenize
 from .validation import generate, save_before_after, save_grid
 
 logger = logging.getLogger("loha_diffusion.train")
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation seeded by (seed, epoch): the same order after a resume."""
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def use_epoch(self, epoch: int) -> None:  # not set_epoch: see DreamBoothDataset.use_epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
 class StopRequest:
@@ -67,32 +58,6 @@ def load_pipeline(args, dtype):
     if str(source).endswith((".safetensors", ".ckpt")) and Path(source).is_file():
         return StableDiffusionPipeline.from_single_file(source, **kwargs)
     return StableDiffusionPipeline.from_pretrained(source, revision=args.revision, variant=args.variant, **kwargs)
-
-
-def ensure_class_images(args, accelerator, pipe) -> None:
-    """Generate the missing class images with the base pipeline (main process only)."""
-    folder = Path(args.class_data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    have = len([p for p in folder.iterdir() if p.suffix == ".png"])
-    if accelerator.is_main_process and have < args.num_class_images:
-        from diffusers import DPMSolverMultistepScheduler
-
-        prompts = class_prompts(args.class_prompt)
-        pipe = pipe.to(accelerator.device)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        logger.info("generating %d class images in %s", args.num_class_images - have, folder)
-        generator = torch.Generator("cpu").manual_seed(args.seed + 1)
-        for start in range(have, args.num_class_images, args.sample_batch_size):
-            batch = [prompts[i % len(prompts)] for i in range(start, min(start + args.sample_batch_size,
-                                                                         args.num_class_images))]
-            images = pipe(batch, num_inference_steps=args.class_generation_steps, generator=generator,
-                          guidance_scale=args.class_guidance_scale, height=args.resolution,
-                          width=args.resolution).images
-            for offset, (image, prompt) in enumerate(zip(images, batch)):
-                image.save(folder / f"class-{start + offset:05d}.png")
-                (folder / f"class-{start + offset:05d}.txt").write_text(prompt)
-    accelerator.wait_for_everyone()
 
 
 def refuse_parameter_sharding(accelerator) -> None:
