@@ -35,7 +35,7 @@ _ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
 _IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 # the ss_* fields that describe the network (what kohya keeps with --no_metadata); the writer
 # sets them from the adapter it writes, so a rewritten file does not carry the source's over
-NETWORK_FIELDS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+_NETWORK_FIELDS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                   "ss_base_model_version", "ss_v2")
 
 
@@ -76,7 +76,7 @@ def read_kohya(source: str | os.PathLike | Mapping, *, allow_pickle: bool = Fals
 
 def training_fields(metadata: Mapping[str, str]) -> dict[str, str]:
     """A file's ``ss_*`` fields about its training (not its network): what a rewrite keeps."""
-    return {k: v for k, v in metadata.items() if k.startswith("ss_") and k not in NETWORK_FIELDS}
+    return {k: v for k, v in metadata.items() if k.startswith("ss_") and k not in _NETWORK_FIELDS}
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -13,6 +13,6 @@ from .kohya import detect_unet_naming, kohya_name
 from .peft import from_peft_tensor_name, parse_peft_key, peft_key, to_peft_tensor_name
 from .sgm import SgmPaths, sgm_to_diffusers_unet_map
 
-__all__ = ["LORA_ADAPTER_METADATA_KEY", "SgmPaths", "Target", "detect_unet_naming", "diffusers_lora_key", "kohya_name",
-           "parse_diffusers_lora_key", "parse_peft_key", "peft_key", "sgm_to_diffusers_unet_map", "split_key",
-           "text_model_path", "to_peft_tensor_name", "from_peft_tensor_name"]
+__all__ = ["LORA_ADAPTER_METADATA_KEY", "SgmPaths", "Target", "detect_unet_naming", "diffusers_lora_key",
+           "from_peft_tensor_name", "kohya_name", "parse_diffusers_lora_key", "parse_peft_key", "peft_key",
+           "sgm_to_diffusers_unet_map", "split_key", "text_model_path", "to_peft_tensor_name"]
