@@ -297,7 +297,7 @@ def time_denoise(unet, inputs, reps: int, idle_wait: float, toggle=None) -> tupl
 def run_read_resolve(path, pipe, figures, idle_wait):
     from loha_diffusion.attach import plan
     from loha_diffusion.io import load_state_dict
-    from loha_diffusion.naming.kohya import KeyTable
+    from loha_diffusion.key_table import KeyTable
     from loha_diffusion.state_dict import group_modules
 
     with Stage(figures, "read+resolve", idle_wait):

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from .algorithms.dora import dora_axis
+from .family import detect_family
 from .io import AdapterFileError
+from .key_table import KeyTable
 from .layers import LOADABLE_LAYERS, AdapterLayer, AdapterWeights
-from .metadata import family_from_metadata
-from .naming.kohya import KeyTable, Target, family_from_names
+from .naming.keys import SD1_OR_SD2, Target
 from .state_dict import ModuleTensors
 
 
@@ -43,11 +44,12 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
     resolution = table.resolve_all(modules)
     problems = []
     if resolution.unmatched:
-        file_family = family_from_names(modules) or family_from_metadata(metadata or {})
+        tensors = {f"{name}.{t}": tensor for name, module in modules.items() for t, tensor in module.tensors.items()}
+        file_family = detect_family(metadata, tensors, modules)
         examples = "; ".join(f"{n} ({table.why_unmatched(n)})" for n in resolution.unmatched[:4])
         hint = (f" The file looks like a {file_family} adapter and the pipeline is {table.family}."
                 if file_family and file_family != table.family and not (
-                    table.family == "sd1/sd2" and file_family in ("sd1", "sd2")) else "")
+                    table.family == SD1_OR_SD2 and file_family in ("sd1", "sd2")) else "")
         problems.append(f"{len(resolution.unmatched)} of {len(modules)} module(s) match no layer of this "
                         f"{table.family} pipeline, e.g. {examples}.{hint}")
     for target, names in resolution.conflicts.items():
@@ -77,7 +79,8 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
         placements.append(Placement(target, module, padding))
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-        raise AdapterFileError(f"{source} does not fit this pipeline; nothing was changed:\n  - " + "\n  - ".join(shown))
+        raise AdapterFileError(f"{source} does not fit this pipeline; nothing was changed:\n  - "
+                               + "\n  - ".join(shown))
     return placements
 
 

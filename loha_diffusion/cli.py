@@ -9,34 +9,33 @@ import json
 import sys
 from collections import Counter
 
-from .io import AdapterFileError, load_state_dict
-from .metadata import family_from_metadata
-from .naming.kohya import detect_unet_naming, family_from_names
-from .state_dict import group_modules
-
-_PREFIXES = ("lora_unet_", "lycoris_", "lora_te1_", "lora_te2_", "lora_te_")
+from .convert import convert
+from .family import detect_family
+from .formats.kohya import read_kohya
+from .io import AdapterFileError
+from .naming.keys import PREFIX_OWNERS
+from .naming.kohya import detect_unet_naming
 
 
 def inspect_file(path, allow_pickle: bool = False) -> dict:
     """What a file holds: family, algorithms, per-prefix module counts, ranks, alphas, metadata."""
-    from .convert import _family_from_shapes
-
-    tensors, metadata = load_state_dict(path, allow_pickle=allow_pickle)
-    modules, unknown = group_modules(tensors, str(path), allow_unknown_keys=True)
+    adapter = read_kohya(path, allow_pickle=allow_pickle, allow_unknown_keys=True, allow_non_finite=True)
+    tensors, metadata, modules = adapter.tensors, adapter.metadata, adapter.modules
     names = list(modules)
-    prefixes = Counter(next((p for p in _PREFIXES if n.startswith(p)), n.split("_", 1)[0] + "_") for n in names)
+    tags = Counter(m.algorithm.NAME + ("+dora" if m.dora_scale is not None else "") for m in modules.values())
+    prefixes = Counter(next((p for p in PREFIX_OWNERS if n.startswith(p)), n.split("_", 1)[0] + "_") for n in names)
     return {
         "file": str(path),
-        "family": family_from_metadata(metadata) or _family_from_shapes(tensors) or family_from_names(names),
+        "family": detect_family(metadata, tensors, names),
         "unet_naming": detect_unet_naming(names),
         "modules": len(modules),
         "modules_by_prefix": dict(prefixes),
-        "algorithms": dict(Counter(m.algorithm.NAME + ("+dora" if m.dora_scale is not None else "") for m in modules.values())),
+        "algorithms": dict(tags),
         "ranks": dict(sorted(Counter(m.rank for m in modules.values() if m.rank is not None).items())),
         "alphas": dict(sorted(Counter(m.alpha for m in modules.values() if m.alpha is not None).items())),
         "modules_without_alpha": sum(1 for m in modules.values() if m.alpha is None and m.rank is not None),
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
-        "unknown_keys": unknown,
+        "unknown_keys": adapter.unknown_keys,
         "metadata": metadata,
     }
 
@@ -45,7 +44,8 @@ def _print_report(report: dict) -> None:
     for key in ("file", "family", "unet_naming", "modules", "modules_by_prefix", "algorithms", "ranks", "alphas",
                 "modules_without_alpha", "dtypes"):
         print(f"{key:22} {report[key]}")
-    print(f"{'unknown_keys':22} {len(report['unknown_keys'])}" + (f"  e.g. {report['unknown_keys'][:5]}" if report["unknown_keys"] else ""))
+    unknown = report["unknown_keys"]
+    print(f"{'unknown_keys':22} {len(unknown)}" + (f"  e.g. {unknown[:5]}" if unknown else ""))
     print("metadata:")
     for key, value in sorted(report["metadata"].items()):
         shown = value if len(value) <= 100 else value[:97] + "..."
@@ -78,8 +78,6 @@ def main(argv=None) -> int:
             report = inspect_file(args.file, args.allow_pickle)
             print(json.dumps(report, indent=2, default=str)) if args.json else _print_report(report)
         else:
-            from .convert import convert
-
             out = convert(args.source, args.destination, args.to, base_model=args.base_model, family=args.family,
                           as_lora_exact=args.as_lora, approximate_rank=args.approximate_rank,
                           save_dtype=args.save_precision, allow_pickle=args.allow_pickle,

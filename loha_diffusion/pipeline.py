@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from .attach import attach, plan
-from .io import AdapterFileError, check_finite, load_state_dict
+from .formats.kohya import read_kohya, save_kohya
+from .formats.peft import write_peft_folder
+from .io import AdapterFileError
+from .key_table import KeyTable
 from .layers import AdapterLayer
 from .model import unwrap
-from .naming.kohya import COMPONENTS, UNET, KeyTable
-from .state_dict import group_modules
+from .naming.keys import COMPONENTS, UNET
 
 ADAPTER_SUFFIXES = (".safetensors",)
 
@@ -55,10 +57,10 @@ def _find_adapter_file(folder: Path, weight_name: str | None) -> Path:
     return files[0]
 
 
-def _fetch(source, weight_name, allow_pickle, hub_kwargs) -> tuple[dict, dict, str]:
-    """(state dict, metadata, description) from a dict, a file, a folder or a hub repository id."""
+def _locate(source, weight_name, hub_kwargs) -> Mapping | Path:
+    """The state dict itself, or the adapter file that a file, folder or hub repository id names."""
     if isinstance(source, Mapping):
-        return dict(source), {}, "the given state dict"
+        return source
     path = Path(os.fspath(source))
     if path.is_dir():
         path = _find_adapter_file(path, weight_name)
@@ -74,8 +76,7 @@ def _fetch(source, weight_name, allow_pickle, hub_kwargs) -> tuple[dict, dict, s
                                        f"({files[:5]}); pass weight_name= to pick one")
             weight_name = files[0]
         path = Path(hf_hub_download(str(source), weight_name, **hub_kwargs))
-    tensors, metadata = load_state_dict(path, allow_pickle=allow_pickle)
-    return tensors, metadata, str(path)
+    return path
 
 
 def _unique_name(pipe, wanted: str | None, source) -> str:
@@ -104,11 +105,10 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     trained with ``hada_t1`` in both halves. Nothing is changed if anything does not fit.
     """
     source = pretrained_model_name_or_path_or_dict
-    tensors, metadata, description = _fetch(source, weight_name, allow_pickle, hub_kwargs)
-    check_finite(tensors, description)
-    modules, _ = group_modules(tensors, description, allow_unknown_keys=allow_unknown_keys)
+    adapter = read_kohya(_locate(source, weight_name, hub_kwargs), allow_pickle=allow_pickle,
+                         allow_unknown_keys=allow_unknown_keys)
     table = KeyTable.from_pipeline(pipe)
-    placements = plan(modules, table, description, metadata)
+    placements = plan(adapter.modules, table, adapter.source, adapter.metadata)
     name = _unique_name(pipe, adapter_name, source)
     attach(placements, table, name, dora_semantics=dora_semantics, legacy_tucker=legacy_tucker)
     return name
@@ -259,16 +259,17 @@ def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
 def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str = "kohya",
                       save_dtype: torch.dtype | None = None, metadata: dict | None = None):
     """Write one adapter as a Kohya/LyCORIS file (``format="kohya"``) or a PEFT folder ("peft")."""
-    from .writer import save_adapter
-
     names = get_loha_adapters(pipe, flat=True)
     if adapter_name is None:
         if len(names) != 1:
             raise ValueError(f"the pipeline has adapters {names}; pass adapter_name= to pick one")
         adapter_name = names[0]
     _check_known(pipe, adapter_name)
-    return save_adapter(_components(pipe), adapter_name, path, format=format, save_dtype=save_dtype,
-                        metadata=metadata)
+    if format == "peft":
+        return write_peft_folder(_components(pipe), adapter_name, path)
+    if format != "kohya":
+        raise ValueError(f"format must be 'kohya' or 'peft', got {format!r}")
+    return save_kohya(_components(pipe), adapter_name, path, save_dtype=save_dtype, metadata=metadata)
 
 
 PIPELINE_METHODS = {f.__name__: f for f in (

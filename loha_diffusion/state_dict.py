@@ -1,6 +1,6 @@
 """A community state dict grouped per module: which algorithm, its tensors, alpha, DoRA scale.
 
-Keys are ``<module name>.<tensor name>`` split at the first dot (formats.md 1.1). Nothing here
+Keys are ``<module name>.<tensor name>`` split at the first dot (docs/formats.md 1.1). Nothing here
 knows about models: that is the resolver's job (``attach.py``).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from .algorithms import as_float_scalar, detect_algorithm
 from .algorithms.unsupported import unsupported_algorithm
 from .io import AdapterFileError
-from .naming.kohya import split_key
+from .naming.keys import split_key
 
 
 @dataclass
@@ -80,9 +80,10 @@ def group_modules(state_dict: dict[str, torch.Tensor], source: str = "adapter",
         except ValueError as exc:
             broken.append(f"{name}.alpha: {exc}")
             continue
+        stored = [*tensors, *(["alpha"] if alpha is not None else []),
+                  *(["dora_scale"] if dora_scale is not None else [])]
         modules[name] = ModuleTensors(name, algorithm, tensors, alpha_value, dora_scale,
-                                      keys=[f"{name}.{t}" for t in (*tensors, *(["alpha"] if alpha is not None else []),
-                                                                   *(["dora_scale"] if dora_scale is not None else []))])
+                                      keys=[f"{name}.{t}" for t in stored])
     problems = []
     for kind, names in unsupported.items():
         problems.append(f"{len(names)} module(s) use {kind}, which loha_diffusion does not support "

@@ -1,6 +1,6 @@
 """Build community adapter files for the tiny pipelines, independently of loha_diffusion.
 
-Names are made the way formats.md 1.1 describes the producers making them:
+Names are made the way docs/formats.md 1.1 describes the producers making them:
 ``prefix + module path with '.' replaced by '_'``; SDXL UNet names come from LyCORIS'
 own diffusers->SGM converter. The reference "merged" pipelines apply the formulas of
 tests/formulas.py directly to the weights.
@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from formulas import ia3_delta, lokr_delta, lora_delta, loha_delta
+from formulas import ia3_delta, loha_delta, lokr_delta, lora_delta
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj")

@@ -1,6 +1,10 @@
 """Conversions and the CLI, checked through peft and diffusers themselves."""
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loha_diffusion  # noqa: F401
+from adapter_files import make_file_tensors, merged_reference
 from loha_diffusion.cli import main
 from loha_diffusion.convert import convert
-
-from adapter_files import make_file_tensors, merged_reference
+from loha_diffusion.formats.peft import factorization
 from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo"
@@ -79,6 +83,33 @@ def test_lokr_to_peft_loads_in_peft_and_back(base, tmp_path):
     np.testing.assert_allclose(run_tiny_pipeline(reloaded, PROMPT), reference, atol=2e-3)
 
 
+def test_peft_lokr_factorization_is_peft_s():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    dims = [*range(1, 400), 640, 768, 1024, 1280, 2048, 2560, 3072, 4096, 5120, 10240]
+    for dimension in dims:
+        for factor in [-3, -2, -1, 0, *range(1, 40), 64, 320, 1024]:
+            assert factorization(dimension, factor) == peft_factorization(dimension, factor), (dimension, factor)
+
+
+def test_lokr_to_peft_without_peft_installed(base, tmp_path):
+    """The library never imports peft: a LoKr file converts with ``import peft`` failing."""
+    pipe, model = base
+    state, _ = make_file_tensors(pipe, ["lokr", "lokr_w2"])
+    source = tmp_path / "lokr.safetensors"
+    save_file(state, str(source))
+    script = ("import sys; sys.modules['peft'] = None\n"
+              "from loha_diffusion.convert import convert\n"
+              f"convert({str(source)!r}, {str(tmp_path / 'peft')!r}, 'peft', base_model={str(model)!r})\n"
+              "assert sys.modules['peft'] is None\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "peft" / "unet" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LOKR" and isinstance(config["decompose_factor"], int)
+
+
 @pytest.mark.parametrize("algo", ["loha", "lora"])
 def test_to_diffusers_format_loads_in_plain_diffusers(base, tmp_path, algo):
     pipe, model = base
@@ -100,8 +131,8 @@ def test_loha_to_exact_lora_matches_to_fp32_rounding(base, tmp_path):
     from formulas import loha_delta, lora_delta
     t = {k.split(".", 1)[1]: v for k, v in loha.items() if k.startswith(name + ".")}
     expected = loha_delta({k: v for k, v in t.items() if k != "alpha"}, (16, 16, 3, 3), float(t["alpha"]))
-    got = lora_delta({"lora_down.weight": lora[f"{name}.lora_down.weight"], "lora_up.weight": lora[f"{name}.lora_up.weight"]},
-                     (16, 16, 3, 3), 16.0)
+    pair = {t: lora[f"{name}.{t}"] for t in ("lora_down.weight", "lora_up.weight")}
+    got = lora_delta(pair, (16, 16, 3, 3), 16.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -137,7 +168,7 @@ def test_written_files_load_in_lycoris_with_same_unet_outputs(base, tmp_path, mo
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
     # lycoris-lora 4.1.3 lists TimestepEmbedding among its targets and then asserts on the
-    # duplicated time_embedding names of a diffusers UNet (formats.md 1.7); drop that class.
+    # duplicated time_embedding names of a diffusers UNet (docs/formats.md 1.7); drop that class.
     monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_MODULE",
                         [m for m in LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE if m != "TimestepEmbedding"])
     pipe, _ = base

@@ -1,7 +1,7 @@
 """Module naming: kohya / SGM / LyCORIS / PEFT / diffusers keys <-> live module paths.
 
 Full-size SD1.5 and SDXL UNets and text encoders are built on the meta device (no memory,
-no download) so that the counts and real keys of formats.md 1.3-1.5 can be checked; the
+no download) so that the counts and real keys of docs/formats.md 1.3-1.5 can be checked; the
 SGM names are cross-checked against diffusers' and LyCORIS' own converters.
 """
 import json
@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
-                                                     _maybe_map_sgm_blocks_to_diffusers)
+from diffusers.loaders.lora_conversion_utils import (
+    _convert_non_diffusers_lora_to_diffusers,
+    _maybe_map_sgm_blocks_to_diffusers,
+)
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -27,8 +29,11 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from loha_diffusion import AdapterLayer, LoHaConfig, LoHaModel, inject_adapter
+from loha_diffusion.family import detect_family
+from loha_diffusion.key_table import KeyTable
 from loha_diffusion.naming import diffusers_lora, kohya, peft, sgm
-from loha_diffusion.naming.kohya import KeyTable, Target, detect_unet_naming, family_from_names, split_key
+from loha_diffusion.naming.keys import Target, split_key
+from loha_diffusion.naming.kohya import detect_unet_naming
 from tiny_models import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
@@ -73,7 +78,7 @@ def sdxl_table(sdxl_unet):
 
 
 def kohya_targets(unet, conv_dim: bool) -> list[str]:
-    """sd-scripts' rule (formats.md 1.7): Linear and 1x1 Conv2d inside Transformer2DModel; with
+    """sd-scripts' rule (docs/formats.md 1.7): Linear and 1x1 Conv2d inside Transformer2DModel; with
     conv_dim also every Linear/Conv2d inside ResnetBlock2D, Downsample2D, Upsample2D."""
     paths = []
     for block_path, block in unet.named_modules():
@@ -101,7 +106,7 @@ def test_sd15_kohya_targets_resolve(sd15_unet, sd15_table):
         assert sd15_table.kohya_name("unet", path) == "lora_unet_" + flat(path)
 
 
-SD15_REAL_KEYS = {  # formats.md 1.3
+SD15_REAL_KEYS = {  # docs/formats.md 1.3
     "lora_unet_down_blocks_0_attentions_0_proj_in": "down_blocks.0.attentions.0.proj_in",
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -137,7 +142,7 @@ def test_sd15_real_keys(sd15_table):
         assert split_key(name + ".lora_down.weight") == (name, "lora_down.weight")
 
 
-SDXL_SGM_KEYS = {  # formats.md 1.4, plus the modules outside the blocks (1.6)
+SDXL_SGM_KEYS = {  # docs/formats.md 1.4, plus the modules outside the blocks (1.6)
     "lora_unet_input_blocks_4_1_proj_in": "down_blocks.1.attentions.0.proj_in",
     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -196,9 +201,9 @@ def test_each_unet_module_has_three_distinct_names(sd15_table, sdxl_table):
         assert len(unet_names) == 3 * len(unet_modules)
 
 
-def test_sgm_names_match_lycoris_converter(sd15_unet, sdxl_unet, sd15_table, sdxl_table):
+def test_sgm_names_match_lycoris_converter(sd15_unet, sdxl_unet):
     """LyCORIS' convert_diffusers_name_to_compvis uses the SDXL upsampler rule for every model."""
-    for unet, table in ((sdxl_unet, sdxl_table), (sd15_unet, sd15_table)):
+    for unet in (sdxl_unet, sd15_unet):
         table_sgm = sgm.SgmPaths(unet.config)
         for path, module in unet.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -263,7 +268,7 @@ def test_sgm_layout_follows_layers_per_block():
 
 # --------------------------------------------------------------------------- text encoders
 
-REAL_TE_KEYS = [  # formats.md 1.5 (module names)
+REAL_TE_KEYS = [  # docs/formats.md 1.5 (module names)
     ("sd1", "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "text_encoder", 0, "self_attn.q_proj"),
     ("sd1", "lora_te_text_model_encoder_layers_5_self_attn_out_proj", "text_encoder", 5, "self_attn.out_proj"),
     ("sd1", "lora_te_text_model_encoder_layers_11_mlp_fc1", "text_encoder", 11, "mlp.fc1"),
@@ -382,7 +387,7 @@ def test_write_then_resolve_round_trips(tiny_pipes, family):
                 assert "_text_model_" in name or name.endswith("text_projection")
     written = [table.kohya_name(*t) for t in table.modules]
     assert detect_unet_naming(written) == ("sgm" if family == "sdxl" else "diffusers")
-    assert family_from_names(written) == ("sdxl" if family == "sdxl" else "sd1/sd2")
+    assert detect_family(names=written) == ("sdxl" if family == "sdxl" else "sd1/sd2")
     assert table.unmatched(written) == []
 
 
@@ -437,19 +442,19 @@ def test_detect_unet_naming_and_family():
     assert detect_unet_naming(["lora_unet_time_embedding_linear_1"]) == "diffusers"
     assert detect_unet_naming(["lora_unet_time_embed_0"]) == "sgm"
     assert detect_unet_naming(["lora_te_text_model_encoder_layers_0_mlp_fc1"]) is None
-    assert family_from_names(sd1) == "sd1/sd2"
-    assert family_from_names(sgm_xl) == "sdxl"
-    assert family_from_names(diffusers_xl) == "sdxl"
-    assert family_from_names(["lora_unet_output_blocks_2_1_conv"]) == "sd1/sd2"
-    assert family_from_names(["lora_unet_output_blocks_2_2_conv"]) == "sdxl"
-    assert family_from_names(["lora_te2_text_model_encoder_layers_0_mlp_fc1"]) == "sdxl"
-    assert family_from_names(["lora_te1_text_model_encoder_layers_0_mlp_fc1"]) == "sdxl"
-    assert family_from_names(["lora_te_text_model_encoder_layers_0_mlp_fc1"]) == "sd1/sd2"
+    assert detect_family(names=sd1) == "sd1/sd2"
+    assert detect_family(names=sgm_xl) == "sdxl"
+    assert detect_family(names=diffusers_xl) == "sdxl"
+    assert detect_family(names=["lora_unet_output_blocks_2_1_conv"]) == "sd1/sd2"
+    assert detect_family(names=["lora_unet_output_blocks_2_2_conv"]) == "sdxl"
+    assert detect_family(names=["lora_te2_text_model_encoder_layers_0_mlp_fc1"]) == "sdxl"
+    assert detect_family(names=["lora_te1_text_model_encoder_layers_0_mlp_fc1"]) == "sdxl"
+    assert detect_family(names=["lora_te_text_model_encoder_layers_0_mlp_fc1"]) == "sd1/sd2"
     # lora_te1_ on an SD1 file: the UNet layout decides
-    assert family_from_names(["lora_te1_text_model_encoder_layers_0_mlp_fc1"] + sd1) == "sd1/sd2"
+    assert detect_family(names=["lora_te1_text_model_encoder_layers_0_mlp_fc1"] + sd1) == "sd1/sd2"
     # names that fit both layouts say nothing
-    assert family_from_names(["lora_unet_input_blocks_4_1_proj_in"]) is None
-    assert family_from_names(sd1 + sgm_xl) is None
+    assert detect_family(names=["lora_unet_input_blocks_4_1_proj_in"]) is None
+    assert detect_family(names=sd1 + sgm_xl) is None
 
 
 def test_kohya_name_needs_config_for_sdxl_unet():

@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import loha_diffusion  # noqa: F401  (attaches the pipeline methods)
+from adapter_files import make_file_tensors, merged_reference, reference_delta
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
-
-from adapter_files import make_file_tensors, merged_reference, reference_delta
 from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo of sks dog"
@@ -226,7 +225,8 @@ def test_sd2_linear_projection_takes_4d_kohya_tensors(tmp_path):
                             f"{name}.alpha": torch.tensor(1.0)})
     pipe.fuse_loha()
     expected = original + 0.5 * (up.flatten(1) @ down.flatten(1))
-    torch.testing.assert_close(pipe.unet.get_submodule("down_blocks.0.attentions.0.proj_in").base_layer.weight, expected)
+    fused = pipe.unet.get_submodule("down_blocks.0.attentions.0.proj_in").base_layer.weight
+    torch.testing.assert_close(fused, expected)
     assert np.isfinite(run_tiny_pipeline(pipe, PROMPT)).all()
 
 
@@ -318,3 +318,18 @@ def test_unload_keeps_fused_adapters_only_when_asked(pipe, tmp_path):
     assert all(pipe.unet.get_submodule(p) is m for p, m in originals.items() if p)
     assert pipe.get_loha_adapters(flat=True) == []
     close_images(run_tiny_pipeline(pipe, PROMPT), reference)
+
+
+def test_saved_peft_folder_loads_in_peft(pipe, tmp_path):
+    from peft import PeftModel
+
+    state, by_module = make_file_tensors(pipe, "loha")
+    reference = run_tiny_pipeline(merged_reference(pipe, by_module), PROMPT)
+    through_peft = copy.deepcopy(pipe)
+    pipe.load_loha_weights(state, adapter_name="a")
+    folder = pipe.save_loha_weights(tmp_path / "peft", format="peft")
+    through_peft.unet = PeftModel.from_pretrained(through_peft.unet, str(folder / "unet"))
+    through_peft.text_encoder = PeftModel.from_pretrained(through_peft.text_encoder, str(folder / "text_encoder"))
+    close_images(run_tiny_pipeline(through_peft, PROMPT), reference)
+    with pytest.raises(ValueError, match="format must be 'kohya' or 'peft'"):
+        pipe.save_loha_weights(tmp_path / "adapter.onnx", format="onnx")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .kohya import COMPONENTS, UNET, text_model_path
+from .keys import COMPONENTS, UNET, text_model_path
 from .peft import parse_peft_key, peft_key
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"

@@ -9,15 +9,27 @@ Tensor names: LoHa (``hada_*``) and LoKr (``lokr_*``) are the community names; L
 ``lora_A.weight`` for ``lora_down.weight`` and ``lora_B.weight`` for ``lora_up.weight``.
 PEFT keeps alpha in the adapter config (``lora_alpha`` / ``alpha`` + ``alpha_pattern``), not
 in the state dict.
+
+:data:`PEFT_ALGORITHMS` is the one table of what PEFT holds: which of our algorithms, under
+which ``peft_type``, with which config field for alpha.
 """
 from __future__ import annotations
 
 import re
 from typing import NamedTuple
 
-from ..algorithms import loha, lokr, lora
+from ..algorithms import get_algorithm
 
 PEFT_PREFIX = "base_model.model."
+
+
+class PeftType(NamedTuple):
+    peft_type: str  # adapter_config.json "peft_type"
+    alpha_field: str  # the config field holding alpha
+
+
+PEFT_ALGORITHMS = {"lora": PeftType("LORA", "lora_alpha"), "loha": PeftType("LOHA", "alpha"),
+                   "lokr": PeftType("LOKR", "alpha")}
 
 # community tensor name -> PEFT tensor name, where they differ (the one table of it)
 TO_PEFT_TENSOR = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
@@ -27,7 +39,7 @@ FROM_PEFT_TENSOR = {peft: community for community, peft in TO_PEFT_TENSOR.items(
 # counterpart; a converter must refuse it.
 PEFT_TENSORS = frozenset(
     TO_PEFT_TENSOR.get(name, name)
-    for algorithm in (lora, loha, lokr)
+    for algorithm in map(get_algorithm, PEFT_ALGORITHMS)
     for name in (*algorithm.REQUIRED, *algorithm.OPTIONAL)
     if name != "lora_mid.weight"
 )

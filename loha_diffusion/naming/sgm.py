@@ -1,4 +1,4 @@
-"""SGM (original LDM / sd-scripts SDXL) <-> diffusers UNet module paths (formats.md 1.6).
+"""SGM (original LDM / sd-scripts SDXL) <-> diffusers UNet module paths (docs/formats.md 1.6).
 
 The block indices are derived from the UNet config: ``layers_per_block`` (an int or one value
 per level), the down/up block types (which levels have attentions, hence the SGM upsampler

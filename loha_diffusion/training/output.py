@@ -6,9 +6,9 @@ import datetime
 import json
 from pathlib import Path
 
-from ..metadata import kohya_metadata
-from ..writer import SAVE_DTYPES, kohya_state_dict, pipeline_family
-from ..io import save_state_dict
+from ..family import family_of_components
+from ..formats.kohya import NetworkInfo, save_kohya
+from ..formats.peft import write_peft_folder
 from .plot import plot_losses
 
 
@@ -38,25 +38,24 @@ def write_outputs(args, models: dict, history, sample_image, started, steps, n_i
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     components = {"unet": models["unet"], "text_encoder": models["text_encoder"]}
-    family = pipeline_family(components)
-    tensors, summary = kohya_state_dict(components, "default", family, SAVE_DTYPES[args.save_precision])
-    network_args = {"preset": args.preset, "conv_dim": args.conv_rank or args.rank,
-                    "conv_alpha": args.alpha if args.conv_alpha is None else args.conv_alpha,
-                    "use_tucker": args.use_effective_conv2d, "rank_dropout": args.rank_dropout,
-                    "module_dropout": args.module_dropout}
-    metadata = kohya_metadata(family, args.algo, args.rank, args.alpha, network_args,
-                              v_prediction=prediction_type == "v_prediction", title=args.output_name,
-                              extra=training_metadata(args, steps, n_instance, n_class, started))
-    paths = {"adapter": save_state_dict(tensors, output_dir / f"{args.output_name}.safetensors", metadata)}
+    family = family_of_components(components)
+    # what was asked for, not what the modules hold most often (conv layers may have their own rank)
+    network = NetworkInfo(args.algo, args.rank, args.alpha, {
+        "preset": args.preset, "conv_dim": args.conv_rank or args.rank,
+        "conv_alpha": args.alpha if args.conv_alpha is None else args.conv_alpha,
+        "use_tucker": args.use_effective_conv2d, "rank_dropout": args.rank_dropout,
+        "module_dropout": args.module_dropout})
+    paths = {"adapter": save_kohya(components, "default", output_dir / f"{args.output_name}.safetensors",
+                                   save_dtype=args.save_precision, family=family, network=network,
+                                   v_prediction=prediction_type == "v_prediction", title=args.output_name,
+                                   metadata=training_metadata(args, steps, n_instance, n_class, started))}
     if args.save_peft_format:
-        from ..convert import write_peft_folder
-
         paths["peft"] = write_peft_folder(components, "default", output_dir / "peft")
     (output_dir / "loss_history.json").write_text(json.dumps(history))
     paths["loss_plot"] = plot_losses(history, output_dir / "loss.png")
     paths["card"] = output_dir / "README.md"
-    paths["card"].write_text(model_card(args, summary, steps, n_instance, n_class, sample_image, paths["adapter"].name,
-                                        history))
+    paths["card"].write_text(model_card(args, {"family": family}, steps, n_instance, n_class, sample_image,
+                                        paths["adapter"].name, history))
     return paths
 
 

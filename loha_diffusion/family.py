@@ -1,0 +1,108 @@
+"""Which model family (sd1 / sd2 / sdxl) an adapter file was made for, or live components are.
+
+One detector for files, :func:`detect_family`, with one precedence:
+
+1. metadata: what the producer declared (``ss_base_model_version``, ``ss_v2``,
+   ``modelspec.architecture``, docs/formats.md 3.1, 3.3); the one source that is both exact
+   and cheap, and the one A1111 trusts;
+2. tensor shapes: the input width of a UNet cross-attention key adapter is the text
+   encoder's width (768 SD1, 1024 SD2, 2048 SDXL); exact, but only when the file adapts
+   ``attn2.to_k``;
+3. module names: the UNet layout and the text encoder prefixes (docs/formats.md 1.6, 5 edge
+   case 2); they tell SDXL from the others only, hence "sd1/sd2".
+
+Each source answers only when it is sure, so a later one fills in where an earlier one is
+silent; they never vote.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from .naming.keys import SD1_OR_SD2, TE1_PREFIX, TE2_PREFIX, TE_PREFIX, TEXT_ENCODER_2, UNET
+from .naming.kohya import unet_body
+from .naming.sgm import config_value
+
+# the text encoder width, seen by every UNet cross-attention key/value projection
+_CROSS_ATTENTION_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# a to_k adapter's factor whose last dimension is that width; Kohya keys flatten the module
+# path ("..._attn2_to_k.lora_down.weight"), PEFT keys keep its dots ("...attn2.to_k.lora_A.weight")
+_CROSS_ATTENTION_KEY_INPUT = re.compile(r"attn2[._]to_k\.(lora_down\.weight|lora_A\.weight|hada_w1_b)$")
+
+# Layout facts (docs/formats.md 1.6): SD1/SD2 have four levels, depth-1 transformers, attentions
+# in down levels 0-2 and up levels 1-3, upsampler of up level 0 at SGM index 1; SDXL has three
+# levels, depth 2/10 transformers, attentions in down 1-2 and up 0-1, an add_embedding.
+_SDXL_UNET = re.compile(
+    r"transformer_blocks_[1-9]|^up_blocks_0_attentions|^add_embedding|^label_emb_0"
+    r"|^output_blocks_[0-2]_1_(?!conv)|^output_blocks_2_2_conv")
+_SD12_UNET = re.compile(
+    r"^(down|up)_blocks_3_|^down_blocks_0_attentions|^up_blocks_3_attentions"
+    r"|^(input|output)_blocks_(9|10|11)_|^input_blocks_[12]_1_|^output_blocks_[6-8]_1_|^output_blocks_2_1_conv")
+
+
+def detect_family(metadata: Mapping[str, str] | None = None, tensors: Mapping | None = None,
+                  names: Iterable[str] | None = None) -> str | None:
+    """"sd1", "sd2", "sdxl", "sd1/sd2" (the names alone can say no more) or None (unknown).
+
+    ``tensors`` are keyed ``<module>.<tensor>`` (Kohya) or by dotted module path (PEFT);
+    ``names`` are Kohya / LyCORIS module names.
+    """
+    return (_from_metadata(metadata or {}) or _from_shapes(tensors or {}) or _from_names(names or ()))
+
+
+def _from_metadata(metadata: Mapping[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True" or architecture.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None
+
+
+def _from_shapes(tensors: Mapping) -> str | None:
+    for key, tensor in tensors.items():
+        if _CROSS_ATTENTION_KEY_INPUT.search(key):
+            return _CROSS_ATTENTION_WIDTHS.get(tensor.shape[-1])
+    return None
+
+
+def _from_names(names: Iterable[str]) -> str | None:
+    """Strong hints: ``lora_te2_`` and the UNet layout (block depth, which levels have
+    attentions, the upsampler index). Weak hints, used only without strong ones: ``lora_te1_``
+    (SDXL) and ``lora_te_`` (SD1/SD2), since some tools write them the other way round.
+    Disagreeing hints say nothing."""
+    strong, weak = set(), set()
+    for name in names:
+        body = unet_body(name)
+        if body is not None:
+            if _SDXL_UNET.search(body):
+                strong.add("sdxl")
+            if _SD12_UNET.search(body):
+                strong.add(SD1_OR_SD2)
+        elif name.startswith(TE2_PREFIX):
+            strong.add("sdxl")
+        elif name.startswith(TE1_PREFIX):
+            weak.add("sdxl")
+        elif name.startswith(TE_PREFIX):
+            weak.add(SD1_OR_SD2)
+    hints = strong or weak
+    return hints.pop() if len(hints) == 1 else None
+
+
+def family_of_components(components: Mapping) -> str:
+    """"sdxl", "sd2" or "sd1" of live pipeline components ({attribute name: module}); "sd1/sd2"
+    when there is no UNet config to tell SD1 from SD2.
+
+    SDXL: a second text encoder or the UNet's ``text_time`` added embedding (the refiner has
+    one encoder); SD2: 1024-wide cross attention.
+    """
+    config = getattr(components.get(UNET), "config", None)
+    text_time = config is not None and config_value(config, "addition_embed_type") == "text_time"
+    if components.get(TEXT_ENCODER_2) is not None or text_time:
+        return "sdxl"
+    if config is None:
+        return SD1_OR_SD2
+    return "sd2" if config_value(config, "cross_attention_dim") == 1024 else "sd1"
