@@ -55,7 +55,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(read_safetensors_header(path).get("__metadata__") or {})
 
 
-def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_state_dict(path: str | os.PathLike,
+                    allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an adapter file."""
     path = Path(path)
     if not path.is_file():

@@ -241,7 +241,7 @@ class LoHaModel(nn.Module):
             if key in state_dict:
                 adapter.alpha = torch.tensor(float(state_dict[key]))
                 adapter.refresh_scale()
-        for path, layer in adapter_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             if adapter_name in layer.adapters:
                 layer.adapters[adapter_name].to(layer.base_layer.weight.device)
                 layer.invalidate()
@@ -254,4 +254,5 @@ class LoHaModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
