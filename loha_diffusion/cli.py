@@ -83,8 +83,9 @@ def main(argv=None) -> int:
                           save_dtype=args.save_precision, allow_pickle=args.allow_pickle,
                           progress=sys.stderr.isatty())
             print(f"wrote {out}")
-    except (AdapterFileError, FileNotFoundError, ValueError) as exc:
-        print(f"loha-diffusion: error: {exc}", file=sys.stderr)
+    except (AdapterFileError, OSError, ValueError) as exc:
+        # one line, whatever the message's layout: scripts grep it, people read it
+        print("loha-diffusion: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     return 0
 

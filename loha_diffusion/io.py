@@ -101,13 +101,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
                                                         (torch.float16, torch.bfloat16) else tensor.detach()))).all())
 
 
-def check_finite(state_dict: dict[str, torch.Tensor], source: str = "adapter") -> None:
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not all_finite(v)]
-    if bad:
-        raise AdapterFileError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:3]}; "
-                               "the file is broken (a diverged training run?) and cannot be applied")
-
-
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file atomically: a temp file in the same folder, then a rename."""

@@ -17,7 +17,7 @@ from loha_diffusion.algorithms import ALGORITHMS, Algorithm, loha
 FUNCTIONS = ("detect", "rank", "scale", "delta_weight", "check_shapes")
 CAPABILITIES = ("delta_bias", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params")
 NAME_TUPLES = ("REQUIRED", "OPTIONAL")
-CONSTANTS = {"NAME": str, "READS_WEIGHT": bool}
+CONSTANTS = {"NAME": str, "READS_WEIGHT": bool, "TENSOR_DIMS": dict}
 # A capability is only usable with these: the cost model needs the rank and the build cost of a
 # thin pair, and the fused ops are a faster form of the thin pair.
 NEEDS = {

@@ -33,6 +33,9 @@ class Algorithm(Protocol):
     a full and a factorised form, and ``check_shapes`` names whatever is missing."""
     OPTIONAL: tuple[str, ...]
     """The other tensor names it may hold; any name outside REQUIRED + OPTIONAL is not its own."""
+    TENSOR_DIMS: dict[str, tuple[int, int]]
+    """(fewest, most) dimensions of each of its tensors (REQUIRED + OPTIONAL), checked when a file
+    is read so that ``rank`` and ``check_shapes`` only ever see tensors of a sane layout."""
     READS_WEIGHT: bool
     """The delta depends on the base weight's values (IA3: dW = W * w), so it cannot be taken off
     again by subtracting it: fusing such an adapter always keeps the original weight."""

@@ -12,6 +12,8 @@ import torch
 NAME = "full"
 REQUIRED = ("diff",)
 OPTIONAL = ("diff_b",)
+# (fewest, most) dimensions of each tensor in the community layouts (docs/formats.md section 2)
+TENSOR_DIMS = {"diff": (1, 5), "diff_b": (1, 2)}
 READS_WEIGHT = False
 
 

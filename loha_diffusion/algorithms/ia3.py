@@ -19,6 +19,8 @@ from .common import as_float_scalar
 NAME = "ia3"
 REQUIRED = ("weight",)
 OPTIONAL = ("on_input",)
+# (fewest, most) dimensions of each tensor in the community layouts (docs/formats.md section 2)
+TENSOR_DIMS = {"weight": (1, 4), "on_input": (0, 1)}
 READS_WEIGHT = True  # the delta is W * w: taking it off again needs the original W
 
 

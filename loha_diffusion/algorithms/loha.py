@@ -15,6 +15,9 @@ from .common import alpha_scale, khatri_rao_pair, pair_shape_error, tucker_down,
 NAME = "loha"
 REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 OPTIONAL = ("hada_t1", "hada_t2")
+# (fewest, most) dimensions of each tensor in the community layouts (docs/formats.md section 2)
+TENSOR_DIMS = {"hada_w1_a": (2, 2), "hada_w1_b": (2, 4), "hada_w2_a": (2, 2), "hada_w2_b": (2, 4),
+               "hada_t1": (3, 5), "hada_t2": (3, 5)}
 READS_WEIGHT = False
 
 

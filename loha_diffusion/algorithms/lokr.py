@@ -22,6 +22,9 @@ from .common import alpha_scale, tucker_down
 NAME = "lokr"
 REQUIRED = ()
 OPTIONAL = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+# (fewest, most) dimensions of each tensor in the community layouts (docs/formats.md section 2)
+TENSOR_DIMS = {"lokr_w1": (2, 4), "lokr_w1_a": (2, 2), "lokr_w1_b": (2, 2), "lokr_w2": (2, 5), "lokr_w2_a": (2, 2),
+               "lokr_w2_b": (2, 5), "lokr_t2": (3, 5)}
 READS_WEIGHT = False
 
 

@@ -14,6 +14,8 @@ from .common import alpha_scale, pair_shape_error, tucker_down, tucker_flat_in
 NAME = "lora"
 REQUIRED = ("lora_down.weight", "lora_up.weight")
 OPTIONAL = ("lora_mid.weight",)
+# (fewest, most) dimensions of each tensor in the community layouts (docs/formats.md section 2)
+TENSOR_DIMS = {"lora_down.weight": (2, 5), "lora_up.weight": (2, 5), "lora_mid.weight": (3, 5)}
 READS_WEIGHT = False
 
 

@@ -13,6 +13,8 @@ import torch
 NAME = "norm"
 REQUIRED = ("w_norm",)
 OPTIONAL = ("b_norm",)
+# (fewest, most) dimensions of each tensor in the community layouts (docs/formats.md section 2)
+TENSOR_DIMS = {"w_norm": (1, 2), "b_norm": (1, 2)}
 READS_WEIGHT = False
 
 

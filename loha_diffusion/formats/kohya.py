@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..family import family_of_components
-from ..io import check_finite, load_state_dict, save_state_dict
+from ..io import load_state_dict, save_state_dict
 from ..naming.keys import FAMILIES, UNET
 from ..naming.kohya import kohya_name
 from ..naming.sgm import SgmPaths
@@ -55,9 +56,11 @@ class KohyaFile:
                      allow_unknown_keys: bool = False, allow_non_finite: bool = False) -> KohyaFile:
         """Raises one AdapterFileError naming every problem (NaN/inf tensors, unsupported or
         incomplete modules, keys of no known algorithm unless ``allow_unknown_keys``)."""
-        if not allow_non_finite:
-            check_finite(tensors, source)
-        modules, unknown = group_modules(tensors, source, allow_unknown_keys=allow_unknown_keys)
+        modules, unknown = group_modules(tensors, source, allow_unknown_keys=allow_unknown_keys,
+                                         allow_non_finite=allow_non_finite)
+        if unknown:
+            warnings.warn(f"{source}: ignored {len(unknown)} key(s) of no known adapter algorithm: {unknown[:10]}"
+                          f"{' ...' if len(unknown) > 10 else ''}", UserWarning, stacklevel=3)
         return cls(source, tensors, metadata, modules, unknown)
 
 
