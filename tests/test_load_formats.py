@@ -104,6 +104,22 @@ def test_diffusers_lora_file_without_metadata_has_scale_one(pipe, tmp_path):
     close(run_tiny_pipeline(pipe, PROMPT), expected)
 
 
+def test_diffusers_rslora_file_scales_by_sqrt_rank(pipe, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=3, use_rslora=True, init_lora_weights=False,
+                        target_modules=["to_q", "to_v", "conv1"], rank_pattern={"conv1": 2})
+    folder, expected = diffusers_lora_file(pipe, tmp_path / "rs", unet_config=config)
+    pipe.load_loha_weights(folder)
+    close(run_tiny_pipeline(pipe, PROMPT), expected)
+
+
+def test_folder_of_no_known_layout_is_refused(pipe, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    with pytest.raises(AdapterFileError, match="PEFT adapter folder"):
+        pipe.load_loha_weights(tmp_path)
+
+
 def test_diffusers_dora_unet_file(pipe, tmp_path):
     from peft import LoraConfig
 
