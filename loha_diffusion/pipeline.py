@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from .attach import attach, plan
-from .formats.kohya import read_kohya, save_kohya
-from .formats.peft import write_peft_folder
-from .io import AdapterFileError
+from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
+from .formats.kohya import KohyaFile, save_kohya
+from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
+from .io import AdapterFileError, load_state_dict
 from .key_table import KeyTable
 from .layers import AdapterLayer
 from .model import unwrap
@@ -52,8 +53,9 @@ def _find_adapter_file(folder: Path, weight_name: str | None) -> Path:
     files = sorted(p for p in folder.iterdir() if p.suffix in ADAPTER_SUFFIXES)
     if len(files) != 1:
         found = ", ".join(p.name for p in files) or "none"
-        raise AdapterFileError(f"{folder}: expected exactly one .safetensors adapter file, found {found}; "
-                               "pass weight_name= to pick one")
+        raise AdapterFileError(f"{folder}: expected a PEFT adapter folder (adapter_config.json, or unet/, "
+                               "text_encoder/... subfolders holding one) or exactly one .safetensors adapter "
+                               f"file, found {found}; pass weight_name= to pick one file")
     return files[0]
 
 
@@ -63,6 +65,8 @@ def _locate(source, weight_name, hub_kwargs) -> Mapping | Path:
         return source
     path = Path(os.fspath(source))
     if path.is_dir():
+        if weight_name is None and (is_peft_folder(path) or (path / "adapter_config.json").is_file()):
+            return path
         path = _find_adapter_file(path, weight_name)
     elif not path.exists():
         if str(source).count("/") != 1 or str(source).startswith((".", "/")):
@@ -93,23 +97,48 @@ def _unique_name(pipe, wanted: str | None, source) -> str:
     return name
 
 
+def _read(located, table, component, allow_pickle, allow_unknown_keys) -> KohyaFile:
+    """Any layout we or diffusers write, as a Kohya file of ``table``'s module names."""
+    peft = None
+    if isinstance(located, Path) and located.is_dir():
+        peft = PeftFolder.read(located) if is_peft_folder(located) else PeftFolder.read_component(
+            located, table, component)
+        metadata, source = {}, str(located)
+    else:
+        if isinstance(located, Mapping):
+            tensors, metadata, source = dict(located), {}, "the given state dict"
+        else:
+            tensors, metadata = load_state_dict(located, allow_pickle=allow_pickle)
+            source = str(located)
+        if not is_diffusers_lora(tensors):
+            return KohyaFile.from_tensors(tensors, metadata, source, allow_unknown_keys=allow_unknown_keys)
+        peft = read_diffusers_lora(tensors, metadata, source)
+    return KohyaFile.from_tensors(peft.kohya_tensors(table), metadata, source, allow_unknown_keys=allow_unknown_keys)
+
+
 def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
-                      weight_name: str | None = None, *, allow_pickle: bool = False,
+                      weight_name: str | None = None, *, component: str | None = None, allow_pickle: bool = False,
                       allow_unknown_keys: bool = False, dora_semantics: str = "lycoris",
                       legacy_tucker: bool = False, **hub_kwargs) -> str:
-    """Load a Kohya / LyCORIS adapter file (any algorithm) onto the pipeline; return its name.
+    """Load an adapter onto the pipeline; return its name.
 
+    Reads Kohya / LyCORIS files (any algorithm), diffusers' own LoRA files
+    (``pytorch_lora_weights.safetensors``), PEFT adapter folders (a pipeline folder with
+    ``unet/``, ``text_encoder/``... or one component's folder, applied to the component its
+    module paths fit or to ``component``) and state dicts of these layouts.
     ``dora_semantics`` picks how a strength other than 1 acts on DoRA modules: "lycoris"
     (strength scales the magnitude change) or "comfyui" (= A1111: strength interpolates the
     whole weight). ``legacy_tucker`` reproduces LyCORIS <= 1.9 Tucker LoHa files, which were
     trained with ``hada_t1`` in both halves. Nothing is changed if anything does not fit.
     """
     source = pretrained_model_name_or_path_or_dict
-    adapter = read_kohya(_locate(source, weight_name, hub_kwargs), allow_pickle=allow_pickle,
-                         allow_unknown_keys=allow_unknown_keys)
+    located = _locate(source, weight_name, hub_kwargs)
     table = KeyTable.from_pipeline(pipe)
+    adapter = _read(located, table, component, allow_pickle, allow_unknown_keys)
     placements = plan(adapter.modules, table, adapter.source, adapter.metadata)
-    name = _unique_name(pipe, adapter_name, source)
+    # a local folder is named after the file found in it; a hub repository after the repository
+    local = isinstance(located, Mapping) or Path(os.fspath(source)).exists()
+    name = _unique_name(pipe, adapter_name, located if local else source)
     attach(placements, table, name, dora_semantics=dora_semantics, legacy_tucker=legacy_tucker)
     return name
 

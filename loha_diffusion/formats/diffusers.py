@@ -6,12 +6,48 @@ loha_diffusion installed.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ..io import save_state_dict
-from ..naming.diffusers_lora import diffusers_lora_key
-from ..naming.peft import to_peft_tensor_name
+from ..io import AdapterFileError, save_state_dict
+from ..naming.diffusers_lora import (
+    LORA_ADAPTER_METADATA_KEY,
+    diffusers_lora_key,
+    is_diffusers_lora_key,
+    split_metadata_field,
+)
+from ..naming.keys import COMPONENTS
+from ..naming.peft import PEFT_PREFIX, to_peft_tensor_name
 from .in_memory import adapter_modules, lora_pair, lora_tensors
+from .peft import PeftFolder
+
+
+def is_diffusers_lora(tensors) -> bool:
+    """Whether a state dict is in diffusers' layout (every key ``<component>.<module path>...``)."""
+    return bool(tensors) and all(is_diffusers_lora_key(key) for key in tensors)
+
+
+def read_diffusers_lora(tensors: dict, metadata: dict, source: str) -> PeftFolder:
+    """A diffusers LoRA state dict as one PEFT LoRA adapter per component.
+
+    The per-component ``LoraConfig`` fields come from the ``lora_adapter_metadata`` entry
+    (docs/formats.md 4.3); a component without them gets no alpha, which means scale 1.
+    """
+    try:
+        fields = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY) or "{}")
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"{source}: the {LORA_ADAPTER_METADATA_KEY!r} metadata entry is not JSON: "
+                               f"{error}") from error
+    configs = {c: {"peft_type": "LORA"} for c in COMPONENTS}
+    for key, value in fields.items():
+        split = split_metadata_field(key)
+        if split is not None:
+            configs[split[0]][split[1]] = value
+    by_component: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        by_component.setdefault(component, {})[PEFT_PREFIX + rest] = tensor
+    return PeftFolder(by_component, {c: configs[c] for c in by_component})
 
 
 def write_diffusers_lora(components: dict, adapter_name: str, path, approximate_rank: int | None = None) -> Path:

@@ -9,6 +9,7 @@ Kronecker split from one config value, so not every in-memory adapter fits.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from ..io import AdapterFileError, load_state_dict, save_state_dict
 from ..layers import AdapterWeights
 from ..naming.keys import COMPONENTS, TE2_PREFIX, TE_PREFIX, TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_PREFIX, flat
 from ..naming.peft import (
-    FROM_PEFT_TENSOR,
     PEFT_ALGORITHMS,
+    PEFT_PREFIX,
     exact_module_pattern,
     parse_peft_key,
     peft_key,
@@ -96,35 +97,78 @@ class PeftFolder:
         names = {_KOHYA_PREFIX[c] + flat(p.module_path) for c, p in parsed if p is not None}
         return detect_family(tensors=tensors, names=names)
 
+    @classmethod
+    def read_component(cls, folder, table, component: str | None = None) -> PeftFolder:
+        """One ``adapter_config.json`` + ``adapter_model.safetensors`` folder, for ``component`` or,
+        without it, for the one component of ``table`` (a ``KeyTable``) that holds all its modules."""
+        folder = Path(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors, _ = load_state_dict(folder / "adapter_model.safetensors")
+        if component is None:
+            paths = {parsed[0] for parsed in map(_parse, tensors) if parsed is not None}
+            fits = [c for c in table.components if all(table.resolve_path(c, p) for p in paths)]
+            if len(fits) != 1:
+                raise AdapterFileError(f"{folder}: its PEFT modules fit {'several components ' if fits else 'no '}"
+                                       f"component of the pipeline {fits or list(table.components)}; pass "
+                                       "component='unet' | 'text_encoder' | 'text_encoder_2'")
+            component = fits[0]
+        elif component not in table.components:
+            raise AdapterFileError(f"component={component!r}: the pipeline has {list(table.components)}")
+        return cls({component: tensors}, {component: config})
+
     def kohya_tensors(self, table) -> dict[str, torch.Tensor]:
         """The tensors under the Kohya names of ``table``'s modules (a ``KeyTable``), with one
-        ``alpha`` per module."""
+        ``alpha`` per module. A config without an alpha field (a diffusers file without its
+        metadata) means scale 1; ``use_rslora`` means scale alpha / sqrt(r)."""
         state = {}
         for component, tensors in self.tensors.items():
             config = self.configs[component]
             algorithm = _ALGORITHM_OF_PEFT_TYPE.get(config.get("peft_type", "").upper())
             if algorithm is None:
                 raise AdapterFileError(f"{component}: PEFT type {config.get('peft_type')!r} is not LoRA, LoHa or LoKr")
-            alpha_default = config.get(PEFT_ALGORITHMS[algorithm].alpha_field, config.get("r", 8))
+            alpha_default = config.get(PEFT_ALGORITHMS[algorithm].alpha_field)
             paths = {}
             for key, tensor in tensors.items():
-                parsed = parse_peft_key(key)
+                parsed = _parse(key)
                 if parsed is None:
                     raise AdapterFileError(f"{component}: {key!r} is not a PEFT adapter key")
-                target = table.resolve_path(component, parsed.module_path)
+                module_path, tensor_name = parsed
+                target = table.resolve_path(component, module_path)
                 if target is None:
-                    raise AdapterFileError(f"{component}: PEFT module {parsed.module_path!r} is not in the base model")
+                    raise AdapterFileError(f"{component}: PEFT module {module_path!r} is not in the base model")
                 name = table.kohya_name(component, target.path)
-                state[f"{name}.{FROM_PEFT_TENSOR.get(parsed.tensor_name, parsed.tensor_name)}"] = tensor
-                paths[name] = parsed.module_path
+                if tensor_name == "dora_scale" and tensor.dim() == 4:  # conv: (1, out, 1, 1) -> (out, 1, 1, 1)
+                    tensor = tensor.reshape(-1, 1, 1, 1)
+                state[f"{name}.{tensor_name}"] = tensor
+                paths[name] = module_path
             for name, path in paths.items():
+                down = state.get(f"{name}.lora_down.weight")
+                rank = down.shape[0] if down is not None else None
                 alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
+                if alpha is None:  # scale 1
+                    alpha = rank if rank is not None else _pattern_value(config.get("rank_pattern"), path,
+                                                                          config.get("r", 8))
+                elif config.get("use_rslora") and rank is not None:
+                    alpha = float(alpha) * math.sqrt(rank)
                 state[f"{name}.alpha"] = torch.tensor(float(alpha))
                 if algorithm == "lokr" and f"{name}.lokr_w1" in state and f"{name}.lokr_w2" in state:
                     # Both halves full: the community rule is scale 1, PEFT's is alpha / r. Bake it in.
                     r = _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
                     state[f"{name}.lokr_w1"] = state[f"{name}.lokr_w1"] * (float(alpha) / r)
         return state
+
+
+_MAGNITUDE = "lora_magnitude_vector"
+
+
+def _parse(key: str) -> tuple[str, str] | None:
+    """(module path, community tensor name) of a PEFT key; PEFT's DoRA magnitude is our ``dora_scale``
+    (saved as ``<path>.lora_magnitude_vector``, live models add ``.weight``)."""
+    bare = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+    if bare.endswith("." + _MAGNITUDE):
+        return bare[: -len(_MAGNITUDE) - 1], "dora_scale"
+    parsed = parse_peft_key(key)
+    return None if parsed is None else (parsed.module_path, parsed.tensor_name)
 
 
 def _pattern_value(patterns: dict | None, path: str, default):

@@ -46,6 +46,14 @@ def parse_diffusers_lora_key(key: str) -> DiffusersLoraKey | None:
     return DiffusersLoraKey(component, parsed.module_path, parsed.tensor_name)
 
 
+def is_diffusers_lora_key(key: str) -> bool:
+    """A key of diffusers' layout, PEFT's DoRA magnitude (``...lora_magnitude_vector``) included."""
+    component, _, rest = key.partition(".")
+    if component not in COMPONENTS:
+        return False
+    return rest.removesuffix(".weight").endswith(".lora_magnitude_vector") or parse_diffusers_lora_key(key) is not None
+
+
 def metadata_field(component: str, field: str) -> str:
     """Key inside the ``lora_adapter_metadata`` JSON: ``unet.lora_alpha``."""
     return f"{component}.{field}"
