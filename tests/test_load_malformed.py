@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loha_diffusion  # noqa: F401
+from formulas import lokr_delta
 from loha_diffusion.cli import main as cli
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
-
-from formulas import lokr_delta
 from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline
 
 PROMPT = "a photo"
