@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .algorithms.dora import dora_axis
@@ -15,6 +16,8 @@ from .family import detect_family
 from .io import AdapterFileError
 from .key_table import KeyTable
 from .layers import LOADABLE_LAYERS, AdapterLayer, AdapterWeights
+from .layers.merge import checked_weight
+from .layers.weights import Term
 from .naming.keys import SD1_OR_SD2, Target
 from .state_dict import ModuleTensors
 
@@ -22,8 +25,8 @@ from .state_dict import ModuleTensors
 @dataclass
 class Placement:
     target: Target
-    module: ModuleTensors
-    source_in_channels: int | None = None
+    name: str
+    weights: AdapterWeights
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -38,9 +41,38 @@ def _inpaint_padding(target: Target, base: nn.Module, module: ModuleTensors) -> 
     return 4 if module.algorithm.check_shapes(module.tensors, narrow) is None else None
 
 
+def _adapter_weights(module: ModuleTensors, source_in_channels: int | None, options: dict) -> AdapterWeights:
+    weights = AdapterWeights(module.algorithm.NAME, module.tensors, module.alpha, dora_scale=module.dora_scale,
+                             source_in_channels=source_in_channels, **options)
+    return weights.requires_grad_(False)
+
+
+def _overflow_problem(name: str, target: Target, base: nn.Module, weights: AdapterWeights) -> str | None:
+    """Why applying ``weights`` at strength 1 would put inf/NaN into the layer's weight, if it would.
+
+    Finite factors can still multiply out past the dtype's range (an absurd alpha, or factors
+    scaled by 1e20); such a file would load and then fail at the first forward or fuse. A bound
+    read off the factors settles nearly every module without building dW; only the rest (a
+    huge bound, DoRA, IA3) pay for one exact check, which is what a fuse would compute.
+    """
+    if weights.dora_scale is None and weights.delta_bound() < torch.finfo(base.weight.dtype).max / 4:
+        return None
+    try:
+        checked_weight(base.weight, [Term(name, weights, 1.0)], 1.0)
+    except ValueError:
+        return (f"{name} -> {target.component}.{target.path}: its finite tensors multiply out to a weight "
+                f"change that overflows {base.weight.dtype} (absurd alpha or factor values)")
+    return None
+
+
 def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
-         metadata: dict[str, str] | None = None) -> list[Placement]:
-    """Where each module goes; raises one AdapterFileError naming every problem."""
+         metadata: dict[str, str] | None = None, *, dora_semantics: str = "lycoris",
+         legacy_tucker: bool = False, progress: bool = False) -> list[Placement]:
+    """Where each module goes and its adapter, built but not yet attached; raises one
+    AdapterFileError naming every problem."""
+    from tqdm.auto import tqdm
+
+    options = {"dora_semantics": dora_semantics, "legacy_tucker": legacy_tucker}
     resolution = table.resolve_all(modules)
     problems = []
     if resolution.unmatched:
@@ -55,7 +87,7 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
     for target, names in resolution.conflicts.items():
         problems.append(f"{names} all name {target.component}.{target.path}")
     placements = []
-    for name, target in resolution.found.items():
+    for name, target in tqdm(resolution.found.items(), desc="modules", unit="module", disable=not progress):
         module = modules[name]
         base = _base(table.modules[target])
         if not isinstance(base, LOADABLE_LAYERS) or getattr(base, "weight", None) is None:
@@ -76,7 +108,12 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
             except ValueError as exc:
                 problems.append(f"{name}.dora_scale: {exc}")
                 continue
-        placements.append(Placement(target, module, padding))
+        weights = _adapter_weights(module, padding, options)
+        overflow = _overflow_problem(name, target, base, weights)
+        if overflow is not None:
+            problems.append(overflow)
+            continue
+        placements.append(Placement(target, name, weights))
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise AdapterFileError(f"{source} does not fit this pipeline; nothing was changed:\n  - "
@@ -84,22 +121,12 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
     return placements
 
 
-def attach(placements: list[Placement], table: KeyTable, adapter_name: str, *, dora_semantics: str = "lycoris",
-           legacy_tucker: bool = False, strengths: dict[str, float] | None = None,
-           progress: bool = False) -> list[AdapterLayer]:
+def attach(placements: list[Placement], table: KeyTable, adapter_name: str, *,
+           strengths: dict[str, float] | None = None) -> list[AdapterLayer]:
     """Insert the planned adapters; ``strengths`` maps component -> initial strength."""
-    from tqdm.auto import tqdm
-
-    built = []
-    for placement in tqdm(placements, desc="modules", unit="module", disable=not progress):
-        module = placement.module
-        weights = AdapterWeights(module.algorithm.NAME, module.tensors, module.alpha, legacy_tucker=legacy_tucker,
-                                 dora_scale=module.dora_scale, dora_semantics=dora_semantics,
-                                 source_in_channels=placement.source_in_channels)
-        weights.requires_grad_(False)
-        built.append((placement.target, weights))
     layers = []
-    for target, weights in built:
+    for placement in placements:
+        target, weights = placement.target, placement.weights
         module = table.modules[target]
         if not isinstance(module, AdapterLayer):
             module = AdapterLayer(module)

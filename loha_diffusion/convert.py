@@ -46,7 +46,7 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
     if peft:
         kohya = KohyaFile.from_tensors(peft.kohya_tensors(table), {}, str(source),
                                        allow_unknown_keys=allow_unknown_keys)
-    attach(plan(kohya.modules, table, kohya.source, kohya.metadata), table, ADAPTER, progress=progress)
+    attach(plan(kohya.modules, table, kohya.source, kohya.metadata, progress=progress), table, ADAPTER)
     return components, family_of_components(components), kohya.metadata
 
 

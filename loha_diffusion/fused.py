@@ -260,12 +260,3 @@ def fused_weight(kind: str, weight: torch.Tensor, factors, scale: float,
             target[start:stop].copy_(out)  # one rounding to the weight's dtype
     return result
 
-
-def delta_bound(kind: str, factors) -> float:
-    """An upper bound of max |dW| from the factors alone (inf or nan if a factor is not finite)."""
-    def pair(up, down):
-        return float(up.abs().sum(1).max()) * float(down.abs().max())
-    if kind == "hadamard":
-        u1, d1, u2, d2 = factors
-        return pair(u1, d1) * pair(u2, d2)
-    return pair(*factors)

@@ -135,11 +135,12 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     located = _locate(source, weight_name, hub_kwargs)
     table = KeyTable.from_pipeline(pipe)
     adapter = _read(located, table, component, allow_pickle, allow_unknown_keys)
-    placements = plan(adapter.modules, table, adapter.source, adapter.metadata)
+    placements = plan(adapter.modules, table, adapter.source, adapter.metadata, dora_semantics=dora_semantics,
+                      legacy_tucker=legacy_tucker)
     # a local folder is named after the file found in it; a hub repository after the repository
     local = isinstance(located, Mapping) or Path(os.fspath(source)).exists()
     name = _unique_name(pipe, adapter_name, located if local else source)
-    attach(placements, table, name, dora_semantics=dora_semantics, legacy_tucker=legacy_tucker)
+    attach(placements, table, name)
     return name
 
 

@@ -15,7 +15,8 @@ import loha_diffusion.algorithms as algorithms_package
 from loha_diffusion.algorithms import ALGORITHMS, Algorithm, loha
 
 FUNCTIONS = ("detect", "rank", "scale", "delta_weight", "check_shapes")
-CAPABILITIES = ("delta_bias", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params")
+CAPABILITIES = (
+    "delta_bias", "delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params")
 NAME_TUPLES = ("REQUIRED", "OPTIONAL")
 CONSTANTS = {"NAME": str, "READS_WEIGHT": bool, "TENSOR_DIMS": dict}
 # A capability is only usable with these: the cost model needs the rank and the build cost of a
@@ -28,11 +29,11 @@ NEEDS = {
 }
 # What each algorithm offers; dropping one silently sends layers down a slower path.
 EXPECTED_CAPABILITIES = {
-    "loha": {"low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params"},
-    "lora": {"low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params"},
-    "lokr": {"init_params"},
-    "full": {"delta_bias"},
-    "norm": {"delta_bias"},
+    "loha": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params"},
+    "lora": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params"},
+    "lokr": {"delta_bound", "init_params"},
+    "full": {"delta_bias", "delta_bound"},
+    "norm": {"delta_bias", "delta_bound"},
     "ia3": set(),
 }
 

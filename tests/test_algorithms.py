@@ -5,8 +5,9 @@ from peft import LoHaConfig as PeftLoHaConfig
 from peft import inject_adapter_in_model
 from torch import nn
 
+from adapter_files import random_module, reference_delta
 from formulas import loha_delta, lora_delta
-from loha_diffusion.algorithms import alpha_scale, as_float_scalar, loha, lora
+from loha_diffusion.algorithms import alpha_scale, as_float_scalar, get_algorithm, loha, lora
 from loha_diffusion.algorithms.common import khatri_rao_pair
 
 LAYERS = {
@@ -114,3 +115,17 @@ def test_sd2_style_4d_lora_fits_a_linear_layer():
     assert lora.check_shapes(tensors, (10, 6)) is None
     torch.testing.assert_close(lora.delta_weight(tensors, torch.empty(10, 6)).double(),
                                lora_delta(tensors, (10, 6)))
+
+
+@pytest.mark.parametrize("layout", ["loha", "lora", "lokr", "lokr_both", "lokr_w2", "lokr_tucker", "full"])
+@pytest.mark.parametrize("shape", [(12, 8), (12, 8, 3, 3)])
+def test_delta_bound_bounds_the_formula(layout, shape):
+    """A load trusts ``delta_bound`` to rule out overflow, so it must never be below the real max |dW|."""
+    weight = torch.zeros(shape)
+    for seed in range(5):
+        tensors = random_module(layout, weight, rank=3, generator=torch.Generator().manual_seed(seed))
+        body = {k: v for k, v in tensors.items() if k != "alpha"}
+        algorithm = get_algorithm(next(a for a in ("loha", "lora", "lokr", "full") if layout.startswith(a)))
+        true_max = float(reference_delta(body, weight).abs().max())
+        assert true_max <= algorithm.delta_bound(body) * (1 + 1e-6)
+        assert algorithm.delta_bound(body) < 50 * true_max  # loose is fine, useless is not

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loha_diffusion  # noqa: F401
-from formulas import lokr_delta
+from formulas import loha_delta, lokr_delta
 from loha_diffusion.cli import main as cli
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
@@ -167,3 +167,43 @@ def test_cli_reports_malformed_files_in_one_line(pipe, tmp_path, capsys, command
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and kohya(Q) in err
+
+
+def overflowing_cases(weight):
+    """Finite tensors whose weight change overflows fp32: each factor alone is harmless."""
+    huge_loha = {k: (v * 1e10 if k != "alpha" else v) for k, v in loha_module(weight).items()}  # |dW| ~ 1e40
+    lokr = full_lokr(weight, dtype=torch.float32, alpha=1.0)
+    factored_lokr = {"lokr_w1_a": lokr["lokr_w1"][:, :1].contiguous(), "lokr_w1_b": lokr["lokr_w1"][:1].contiguous(),
+                     "lokr_w2": lokr["lokr_w2"] * 1e20, "alpha": torch.tensor(3e38)}  # used alpha: scale 3e38
+    return {"loha factors": huge_loha, "lokr alpha": factored_lokr}
+
+
+@pytest.mark.parametrize("case", ["loha factors", "lokr alpha"])
+def test_finite_tensors_that_overflow_are_refused_at_load(pipe, tmp_path, case):
+    weight = pipe.unet.get_submodule(Q).weight
+    tensors = overflowing_cases(weight)[case]
+    formula = lokr_delta if case.startswith("lokr") else loha_delta
+    body = {k: v for k, v in tensors.items() if k != "alpha"}  # the oracle: the change is not representable in fp32
+    assert not torch.isfinite(formula(body, weight.shape, float(tensors["alpha"])).float()).all()
+    good = {f"{kohya(K)}.{k}": v for k, v in loha_module(pipe.unet.get_submodule(K).weight).items()}
+    path = tmp_path / "overflow.safetensors"
+    save_file({**good, **{f"{kohya(Q)}.{k}": v for k, v in tensors.items()}}, str(path))
+    before = state_of(pipe)
+    with pytest.raises(AdapterFileError, match="overflows torch.float32") as info:
+        pipe.load_loha_weights(path)
+    assert path.name in str(info.value) and kohya(Q) in str(info.value)
+    assert_untouched(pipe, before)
+
+
+def test_change_too_large_for_fp16_weights_is_refused_only_there(pipe, tmp_path):
+    weight = pipe.unet.get_submodule(Q).weight
+    tensors = {k: (v * 300 if k != "alpha" else v) for k, v in loha_module(weight).items()}  # |dW| ~ 1e5 to 1e9
+    path = tmp_path / "large.safetensors"
+    save_file({f"{kohya(Q)}.{k}": v for k, v in tensors.items()}, str(path))
+    half = copy.deepcopy(pipe).to(torch.float16)
+    before = state_of(half)
+    with pytest.raises(AdapterFileError, match="overflows torch.float16"):
+        half.load_loha_weights(path)
+    assert_untouched(half, before)
+    pipe.load_loha_weights(path)  # representable in fp32: a legitimate, if extreme, file
+    assert isinstance(pipe.unet.get_submodule(Q), AdapterLayer)

@@ -76,6 +76,10 @@ class Algorithm(Protocol):
     """``thin_rank(params)``: the inner size R of the ``low_rank_factors`` pair."""
     build_cost: Callable[[tuple[int, ...], Params], int] | None
     """``build_cost(weight_shape, params)``: multiply-adds to build dW once."""
+    delta_bound: Callable[..., float] | None
+    """``delta_bound(params, legacy_tucker=False)``: an upper bound of max |dW| (scale not applied)
+    read off the tensors without building dW, so that a load can rule out an overflow cheaply.
+    None where dW depends on the base weight's values (ia3)."""
     init_params: Callable[..., dict[str, torch.Tensor]] | None
     """``init_params(shape, r, use_tucker=False, scheme="lycoris", ...)``: fresh tensors for
     training, in the community layout, for a weight of ``shape``. None for the algorithms that

@@ -43,6 +43,12 @@ def tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ab...,bi->ai...", core, down.flatten(1)).flatten(1)
 
 
+def product_bound(up: torch.Tensor, down: torch.Tensor) -> float:
+    """An upper bound of max |up @ down| read off the factors: the largest row sum of |up|
+    times the largest |down|. inf or nan when a factor holds either."""
+    return float(up.abs().sum(1).max()) * float(down.abs().max())
+
+
 def khatri_rao_pair(up1, down1, up2, down2):
     """(up1 @ down1) * (up2 @ down2) == up @ down with the rank-r1*r2 Khatri-Rao factors.
 

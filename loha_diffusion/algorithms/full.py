@@ -34,6 +34,10 @@ def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     return params["diff"].to(torch.float32).mul(scale).reshape(weight.shape)
 
 
+def delta_bound(params, **_) -> float:
+    return float(params["diff"].float().abs().max())
+
+
 def delta_bias(params, bias) -> torch.Tensor | None:
     """``diff_b`` in fp32 (a new tensor), shaped like ``bias``; 1-D when the layer has no bias.
 

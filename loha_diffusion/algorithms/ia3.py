@@ -68,6 +68,7 @@ def check_shapes(params, weight_shape) -> str | None:
 
 # Capabilities this algorithm lacks (base.Algorithm documents each).
 delta_bias = None
+delta_bound = None
 low_rank_factors = None
 fused_factors = None
 thin_rank = None

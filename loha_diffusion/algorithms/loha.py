@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .common import alpha_scale, khatri_rao_pair, pair_shape_error, tucker_down, tucker_flat_in
+from .common import alpha_scale, khatri_rao_pair, pair_shape_error, product_bound, tucker_down, tucker_flat_in
 
 NAME = "loha"
 REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -101,6 +101,11 @@ def low_rank_factors(params, legacy_tucker: bool = False):
 def fused_factors(params, legacy_tucker: bool = False):
     """The layout ``fused`` ops take: ("hadamard", (u1, d1, u2, d2)) with dW = (u1 @ d1) * (u2 @ d2)."""
     return "hadamard", (*half_factors(params, 1, legacy_tucker), *half_factors(params, 2, legacy_tucker))
+
+
+def delta_bound(params, legacy_tucker: bool = False) -> float:
+    first, second = half_factors(params, 1, legacy_tucker), half_factors(params, 2, legacy_tucker)
+    return product_bound(*first) * product_bound(*second)
 
 
 def thin_rank(params) -> int:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .common import alpha_scale, tucker_down
+from .common import alpha_scale, product_bound, tucker_down
 
 NAME = "lokr"
 REQUIRED = ()
@@ -98,6 +98,13 @@ def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     b, d = shape[0] // a, shape[1] // c
     w2 = second_factor(params).reshape(b, d, *shape[2:])
     return torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(shape)
+
+
+def delta_bound(params, **_) -> float:
+    """Every entry of kron(w1, w2) is a product of one entry of each."""
+    pair = second_factor_pair(params)
+    second = float(params["lokr_w2"].float().abs().max()) if pair is None else product_bound(*pair)
+    return float(first_factor(params).abs().max()) * second
 
 
 def check_shapes(params, weight_shape) -> str | None:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .common import alpha_scale, pair_shape_error, tucker_down, tucker_flat_in
+from .common import alpha_scale, pair_shape_error, product_bound, tucker_down, tucker_flat_in
 
 NAME = "lora"
 REQUIRED = ("lora_down.weight", "lora_up.weight")
@@ -62,6 +62,10 @@ def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
 def fused_factors(params, **_):
     """The layout ``fused`` ops take: ("product", (up, down)) with dW = up @ down."""
     return "product", low_rank_factors(params)
+
+
+def delta_bound(params, **_) -> float:
+    return product_bound(*low_rank_factors(params))
 
 
 def thin_rank(params) -> int:

@@ -35,6 +35,10 @@ def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     return params["w_norm"].to(torch.float32).mul(scale).reshape(weight.shape)
 
 
+def delta_bound(params, **_) -> float:
+    return float(params["w_norm"].float().abs().max())
+
+
 def delta_bias(params, bias) -> torch.Tensor | None:
     """``b_norm`` as a new fp32 tensor shaped like ``bias`` (1-D when the norm has no bias)."""
     if "b_norm" not in params:

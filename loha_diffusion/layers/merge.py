@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..fused import delta_bound, fused_weight
+from ..fused import fused_weight
 from ..io import all_finite
 from .paths import add_rounded_once, effective_bias, merged_bias_delta, merged_delta
 
@@ -34,7 +34,7 @@ def checked_weight(weight: torch.Tensor, terms, scale: float, out: torch.Tensor 
         row_scale = adapter.scale * strength * scale
         # A finite bound of |scale * dW| far below the dtype's range proves the result finite
         # without reading it again; fp16's small range, or an odd bound, gets the full check.
-        bound = abs(row_scale) * delta_bound(kind, factors)
+        bound = abs(strength * scale) * adapter.delta_bound()
         if weight.dtype != torch.float16 and bound < _SAFE_DELTA:
             return fused_weight(kind, weight, factors, row_scale, out=out)
         new = fused_weight(kind, weight, factors, row_scale)

@@ -1,6 +1,7 @@
 """One adapter on one layer: its tensors under their community names, and what it adds to a weight."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -149,6 +150,15 @@ class AdapterWeights(nn.Module):
     def delta_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         delta_bias = self.algorithm.delta_bias
         return None if delta_bias is None else delta_bias(self.params, bias)
+
+    def delta_bound(self) -> float:
+        """An upper bound of max |scale * dW| (strength 1, DoRA not applied) read off the tensors
+        without building dW; inf where none is known (IA3). nan or inf also when a tensor is."""
+        bound = self.algorithm.delta_bound
+        if bound is None:
+            return math.inf
+        with torch.no_grad():
+            return abs(self.scale) * bound(self.params, legacy_tucker=self.legacy_tucker)
 
     def low_rank_factors(self):
         return self.algorithm.low_rank_factors(self.params, legacy_tucker=self.legacy_tucker)
