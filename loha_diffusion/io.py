@@ -43,12 +43,65 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
                                "or not a safetensors file") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path}: the safetensors header is not a JSON object")
-    data_end = max((v["data_offsets"][1] for k, v in header.items()
-                    if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise AdapterFileError(f"{path}: the safetensors metadata is not a map of strings; the file is corrupt")
+    data_end = 0
+    for key, entry in header.items():
+        if key != "__metadata__":
+            data_end = max(data_end, _checked_entry_end(path, key, entry))
     if 8 + header_len + data_end > size:
         raise AdapterFileError(f"{path}: the header describes {data_end} bytes of tensor data but only "
                                f"{size - 8 - header_len} are present; the file is truncated (re-download it)")
     return header
+
+
+# bytes per element of the safetensors dtype names torch can load
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1,
+                "F8_E5M2FNUZ": 1}
+
+
+def _checked_entry_end(path: Path, key: str, entry) -> int:
+    """Where one tensor's data ends, after checking that its header entry is self-consistent, so
+    that nothing past this point allocates memory for sizes the file does not hold."""
+    def is_count(n):
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+    problem = None
+    if not isinstance(entry, dict):
+        problem = "is not a JSON object"
+    elif entry.get("dtype") not in _DTYPE_SIZES:
+        problem = f"has dtype {entry.get('dtype')!r}, expected one of {', '.join(_DTYPE_SIZES)}"
+    elif not (isinstance(entry.get("shape"), list) and all(map(is_count, entry["shape"]))):
+        problem = f"has shape {entry.get('shape')!r}, expected a list of non-negative integers"
+    elif not (isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(map(is_count, entry["data_offsets"])) and entry["data_offsets"][0] <= entry["data_offsets"][1]):
+        problem = f"has data_offsets {entry.get('data_offsets')!r}, expected [start, end] with 0 <= start <= end"
+    else:
+        start, end = entry["data_offsets"]
+        numel = 1
+        for n in entry["shape"]:
+            numel *= n
+        if numel * _DTYPE_SIZES[entry["dtype"]] != end - start:
+            problem = (f"has shape {entry['shape']} of {entry['dtype']} ({numel * _DTYPE_SIZES[entry['dtype']]} "
+                       f"bytes) but data_offsets span {end - start} bytes")
+    if problem is not None:
+        raise AdapterFileError(f"{path}: the header entry of tensor {key!r} {problem}; the file is corrupt")
+    return entry["data_offsets"][1]
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object (a PEFT ``adapter_config.json``), or one clear error."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path}: not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -100,7 +100,13 @@ def _unique_name(pipe, wanted: str | None, source) -> str:
 def _read(located, table, component, allow_pickle, allow_unknown_keys) -> KohyaFile:
     """Any layout we or diffusers write, as a Kohya file of ``table``'s module names."""
     peft = None
-    if isinstance(located, Path) and located.is_dir():
+    folder = isinstance(located, Path) and located.is_dir()
+    if component is not None and not (folder and not is_peft_folder(located)):
+        raise ValueError(f"component={component!r} only applies to a PEFT adapter folder of one component "
+                         "(adapter_config.json beside adapter_model.safetensors); the keys of "
+                         f"{located if isinstance(located, Path) else 'the given state dict'} already name "
+                         "their components: drop component=")
+    if folder:
         peft = PeftFolder.read(located) if is_peft_folder(located) else PeftFolder.read_component(
             located, table, component)
         metadata, source = {}, str(located)

@@ -155,6 +155,44 @@ def test_diffusers_text_encoder_paths_with_or_without_text_model(pipe, tmp_path,
     close(run_tiny_pipeline(pipe, PROMPT), expected)
 
 
+def old_diffusers_key(key, te_style):
+    """A current diffusers key in one of diffusers' pre-PEFT layouts (attention processors for
+    the UNet's attention, ``.lora.`` elsewhere, ``te_style`` for the text encoder)."""
+    component, _, rest = key.partition(".")
+    path, _, side = rest.removesuffix(".weight").rpartition(".")
+    side = {"lora_A": "down", "lora_B": "up"}[side]
+    parent, _, leaf = path.removesuffix(".0").rpartition(".")
+    if component == "unet" and leaf in ("to_q", "to_k", "to_v", "to_out"):
+        return f"{component}.{parent}.processor.{leaf}_lora.{side}.weight"
+    if component == "text_encoder" and te_style == "processor":
+        leaf = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}[leaf]
+        return f"{component}.{parent}.{leaf}_lora.{side}.weight"
+    layer = "lora_linear_layer" if component == "text_encoder" else "lora"
+    return f"{component}.{path}.{layer}.{side}.weight"
+
+
+@pytest.mark.parametrize("te_style", ["processor", "lora_linear_layer"])
+def test_pre_peft_diffusers_layouts_load_like_diffusers(pipe, tmp_path, te_style):
+    from peft import LoraConfig
+
+    unet_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"])
+    te_config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    folder, expected = diffusers_lora_file(pipe, tmp_path / "new", unet_config=unet_config, te_config=te_config,
+                                           with_metadata=False)
+    state = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    old = {old_diffusers_key(k, te_style): v for k, v in state.items()}
+    assert any(".processor.to_out_lora.up.weight" in k for k in old) and any(".lora.down.weight" in k for k in old)
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    through_diffusers = copy.deepcopy(pipe)
+    through_diffusers.load_lora_weights(str(path))
+    close(run_tiny_pipeline(through_diffusers, PROMPT), expected)  # diffusers reads the old layout so
+    pipe.load_loha_weights(path)
+    close(run_tiny_pipeline(pipe, PROMPT), expected)
+
+
 # -- PEFT adapter folders --------------------------------------------------------------------------------
 def peft_folder(model, config, folder, seed=0):
     """``PeftModel.save_pretrained`` of a random-initialised adapter; returns (folder, peft model)."""
@@ -212,6 +250,15 @@ def test_peft_folder_for_the_wrong_component_is_refused(pipe, tmp_path):
     with pytest.raises(AdapterFileError, match="unet"):
         pipe.load_loha_weights(folder, component="unet")
     assert_untouched(pipe, before)
+
+
+def test_component_argument_outside_a_one_component_folder_is_refused(pipe, tmp_path):
+    state, _ = make_file_tensors(pipe, "lora")
+    path = tmp_path / "kohya.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="component='unet' only applies to a PEFT adapter folder of one component"):
+        pipe.load_loha_weights(path, component="unet")
+    assert pipe.get_loha_adapters(flat=True) == []
 
 
 # -- everything we write loads back ----------------------------------------------------------------

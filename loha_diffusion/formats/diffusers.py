@@ -14,6 +14,7 @@ from ..naming.diffusers_lora import (
     LORA_ADAPTER_METADATA_KEY,
     diffusers_lora_key,
     is_diffusers_lora_key,
+    modern_key,
     split_metadata_field,
 )
 from ..naming.keys import COMPONENTS
@@ -23,16 +24,30 @@ from .peft import PeftFolder
 
 
 def is_diffusers_lora(tensors) -> bool:
-    """Whether a state dict is in diffusers' layout (every key ``<component>.<module path>...``)."""
-    return bool(tensors) and all(is_diffusers_lora_key(key) for key in tensors)
+    """Whether a state dict is in diffusers' layout (every key ``<component>.<module path>...``),
+    today's or a pre-PEFT one."""
+    return bool(tensors) and all(is_diffusers_lora_key(modern_key(key)) for key in tensors)
+
+
+def _modernized(tensors: dict, source: str) -> dict:
+    renamed = {}
+    for key, tensor in tensors.items():
+        new = modern_key(key)
+        if new in renamed:
+            raise AdapterFileError(f"{source}: two keys name the same tensor {new!r} (one in diffusers' current "
+                                   f"layout, one in a pre-PEFT layout, e.g. {key!r}); keep one of them")
+        renamed[new] = tensor
+    return renamed
 
 
 def read_diffusers_lora(tensors: dict, metadata: dict, source: str) -> PeftFolder:
-    """A diffusers LoRA state dict as one PEFT LoRA adapter per component.
+    """A diffusers LoRA state dict (today's layout or a pre-PEFT one) as one PEFT LoRA adapter
+    per component.
 
     The per-component ``LoraConfig`` fields come from the ``lora_adapter_metadata`` entry
     (docs/formats.md 4.3); a component without them gets no alpha, which means scale 1.
     """
+    tensors = _modernized(tensors, source)
     try:
         fields = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY) or "{}")
     except json.JSONDecodeError as error:

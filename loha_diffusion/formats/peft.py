@@ -20,7 +20,7 @@ from ..algorithms import lokr
 from ..algorithms.loha import half_factors
 from ..config import pattern_key
 from ..family import detect_family
-from ..io import AdapterFileError, load_state_dict, save_state_dict
+from ..io import AdapterFileError, load_state_dict, read_json_object, save_state_dict
 from ..layers import AdapterWeights
 from ..naming.keys import COMPONENTS, TE2_PREFIX, TE_PREFIX, TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_PREFIX, flat
 from ..naming.peft import (
@@ -84,7 +84,7 @@ class PeftFolder:
         for component in COMPONENTS:
             sub = folder / component
             if (sub / "adapter_config.json").is_file():
-                configs[component] = json.loads((sub / "adapter_config.json").read_text())
+                configs[component] = read_json_object(sub / "adapter_config.json")
                 tensors[component], _ = load_state_dict(sub / "adapter_model.safetensors")
         if not configs:
             raise AdapterFileError(f"{folder}: no PEFT adapter folders ({', '.join(COMPONENTS)}/adapter_config.json)")
@@ -102,7 +102,7 @@ class PeftFolder:
         """One ``adapter_config.json`` + ``adapter_model.safetensors`` folder, for ``component`` or,
         without it, for the one component of ``table`` (a ``KeyTable``) that holds all its modules."""
         folder = Path(folder)
-        config = json.loads((folder / "adapter_config.json").read_text())
+        config = read_json_object(folder / "adapter_config.json")
         tensors, _ = load_state_dict(folder / "adapter_model.safetensors")
         if component is None:
             paths = {parsed[0] for parsed in map(_parse, tensors) if parsed is not None}
