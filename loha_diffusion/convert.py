@@ -12,11 +12,11 @@ from pathlib import Path
 
 from .attach import attach, plan
 from .family import detect_family, family_of_components
-from .formats.diffusers import write_diffusers_lora
+from .formats.diffusers import is_diffusers_lora, read_diffusers_lora, write_diffusers_lora
 from .formats.in_memory import as_lora
-from .formats.kohya import KohyaFile, read_kohya, save_kohya, training_fields
+from .formats.kohya import KohyaFile, save_kohya, training_fields
 from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
-from .io import AdapterFileError
+from .io import AdapterFileError, load_state_dict
 from .key_table import KeyTable
 from .naming.keys import SD1_OR_SD2
 from .skeletons import components_from_folder, skeleton_components
@@ -30,7 +30,13 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
     """(components holding the adapter ``converted``, family, source metadata)."""
     source = Path(source)
     peft = PeftFolder.read(source) if is_peft_folder(source) else None
-    kohya = None if peft else read_kohya(source, allow_pickle=allow_pickle, allow_unknown_keys=allow_unknown_keys)
+    kohya = None
+    if peft is None:
+        tensors, metadata = load_state_dict(source, allow_pickle=allow_pickle)
+        if is_diffusers_lora(tensors):
+            peft = read_diffusers_lora(tensors, metadata, str(source))
+        else:
+            kohya = KohyaFile.from_tensors(tensors, metadata, str(source), allow_unknown_keys=allow_unknown_keys)
     if family is None and base_model is None:
         family = peft.family() if peft else detect_family(kohya.metadata, kohya.tensors, kohya.modules)
         if family == SD1_OR_SD2:  # the names alone cannot pick one of the two skeletons
@@ -53,7 +59,7 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
 def convert(source, destination, to: str, base_model=None, family: str | None = None, as_lora_exact: bool = False,
             approximate_rank: int | None = None, save_dtype=None, allow_pickle: bool = False,
             progress: bool = False) -> Path:
-    """Convert ``source`` (Kohya/LyCORIS file or PEFT folder) to ``to`` = kohya | peft | diffusers."""
+    """Convert ``source`` (Kohya/LyCORIS file, diffusers LoRA file or PEFT folder) to ``to`` = kohya | peft | diffusers."""
     if to not in TARGETS:
         raise ValueError(f"to must be 'kohya', 'peft' or 'diffusers', got {to!r}")
     components, family, metadata = load_onto_skeleton(source, base_model, family, allow_pickle, progress=progress)

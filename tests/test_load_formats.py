@@ -289,6 +289,20 @@ def test_every_convert_target_loads_back(pipe, tmp_path, to):
     close(run_tiny_pipeline(pipe, PROMPT), expected)
 
 
+def test_diffusers_file_converts_to_kohya(pipe, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_v", "conv1"],
+                        alpha_pattern={"conv1": 2})
+    folder, expected = diffusers_lora_file(pipe, tmp_path / "d", unet_config=config)
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    out = convert(folder / "pytorch_lora_weights.safetensors", tmp_path / "k.safetensors", "kohya", base_model=model)
+    assert all(k.startswith("lora_unet_") for k in load_file(str(out)))
+    pipe.load_loha_weights(out)
+    close(run_tiny_pipeline(pipe, PROMPT), expected)
+
+
 def test_sdxl_peft_pipeline_folder_loads(tmp_path):
     pipe = tiny_sdxl_pipeline(tmp_path / "xl")
     state, mods = make_file_tensors(pipe, "lora", sdxl=True)
