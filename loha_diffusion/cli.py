@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p_inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     p_inspect.add_argument("--allow-pickle", action="store_true", help="read a pickled .ckpt/.pt (trusted files only)")
     p_convert = sub.add_parser("convert", help="convert between Kohya/LyCORIS, PEFT and diffusers formats")
-    p_convert.add_argument("source", help="a Kohya/LyCORIS .safetensors file or a PEFT folder")
+    p_convert.add_argument("source", help="a Kohya/LyCORIS or diffusers LoRA .safetensors file, or a PEFT folder")
     p_convert.add_argument("destination", help="a .safetensors file (kohya, diffusers) or a folder (peft)")
     p_convert.add_argument("--to", required=True, choices=["kohya", "peft", "diffusers"])
     p_convert.add_argument("--base-model", help="diffusers model folder whose configs give the module tree "

@@ -59,7 +59,8 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
 def convert(source, destination, to: str, base_model=None, family: str | None = None, as_lora_exact: bool = False,
             approximate_rank: int | None = None, save_dtype=None, allow_pickle: bool = False,
             progress: bool = False) -> Path:
-    """Convert ``source`` (Kohya/LyCORIS file, diffusers LoRA file or PEFT folder) to ``to`` = kohya | peft | diffusers."""
+    """Convert ``source`` (Kohya/LyCORIS file, diffusers LoRA file or PEFT folder) to ``to``:
+    kohya, peft or diffusers."""
     if to not in TARGETS:
         raise ValueError(f"to must be 'kohya', 'peft' or 'diffusers', got {to!r}")
     components, family, metadata = load_onto_skeleton(source, base_model, family, allow_pickle, progress=progress)
