@@ -15,9 +15,15 @@ Two factor layouts are handled (``kind``):
 ``row_scale`` (a float, or an (out,) tensor when rank dropout masks output rows) multiplies
 the rows of dW; it is folded into the first up factor, never into a weight-sized tensor.
 
-The layer (``layers.AdapterLayer``) uses these ops only where they apply exactly: one adapter,
-a layer ``supports_fused_ops`` accepts, one dtype throughout, no autocast. Everything else
-takes the general autograd path, which computes the same numbers with the same ``run_base``.
+Mixed precision (a frozen fp16/bf16 model, fp32 adapters, ``torch.autocast``) runs the same
+ops: the matmuls of the base layer and of the thin pair in the compute dtype (the autocast
+dtype, else the base weight's), everything built from the factors in fp32 (``build``: the
+factors' dtype promoted to at least fp32) and cast once, W + dW summed in fp32 and rounded
+once, and the factor gradients delivered in the factors' own dtype.
+
+The layer (``layers.AdapterLayer``) uses these ops only where they apply exactly: one adapter
+and a layer ``supports_fused_ops`` accepts. Everything else takes the general autograd path,
+which computes the same numbers with the same ``run_base``.
 """
 from __future__ import annotations
 
@@ -102,11 +108,14 @@ def thin_pair_grads(kind: str, g_up, g_down, factors, row_scale):
 
 
 def merged_weight(kind: str, weight, factors, row_scale):
-    """(W + row_scale * dW, the products ``merged_weight_grads`` needs); W keeps its shape."""
+    """(W + row_scale * dW in the factors' dtype, the products ``merged_weight_grads`` needs);
+    W keeps its shape and may be of a lower precision (it is then summed in the factors' dtype)."""
     flat = weight.view(weight.shape[0], -1)
     if kind == "product":
         up, down = factors
         scaled_up = _scale_rows(up, row_scale)
+        if flat.dtype != up.dtype:  # addmm does not promote: sum into the fp32 product instead
+            return (scaled_up @ down).add_(flat).view(weight.shape), (scaled_up,)
         return torch.addmm(flat, scaled_up, down).view(weight.shape), (scaled_up,)
     u1, d1, u2, d2 = factors
     first, second = u1 @ d1, u2 @ d2
@@ -131,13 +140,51 @@ def merged_weight_grads(kind: str, g_delta, factors, row_scale, saved):
     return g_first @ d1.t(), u1.t() @ g_first, g_second @ d2.t(), u2.t() @ g_second
 
 
+# -- dtypes ------------------------------------------------------------------------------------
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer's op runs in: autocast's where it is on, else the weight's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _build_dtype(factors) -> torch.dtype:
+    """What dW and the thin pair are built in: the factors' dtype, at least fp32."""
+    return torch.promote_types(factors[0].dtype, torch.float32)
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _remember_dtypes(ctx, x, weight, bias, factors) -> None:
+    """The inputs' dtypes, which their gradients must have whatever the compute dtype was."""
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.factor_dtypes = [f.dtype for f in factors]
+
+
+def _input_grads(ctx, gx, gw, gb, factor_grads):
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    return (None, None, None, _cast(gx, x_dtype), _cast(gw, w_dtype), _cast(gb, b_dtype),
+            *(_cast(g, dtype) for g, dtype in zip(factor_grads, ctx.factor_dtypes)))
+
+
 # -- the two ops -----------------------------------------------------------------------------
 class ThinAdapterOp(torch.autograd.Function):
     """base(x) + row_scale * x -> down -> up, as one node."""
 
     @staticmethod
     def forward(ctx, base: nn.Module, kind: str, row_scale, x, weight, bias, *factors):
+        _remember_dtypes(ctx, x, weight, bias, factors)
+        dtype = compute_dtype(x, weight)
+        build = [f.to(_build_dtype(factors)) for f in factors]
+        with torch.autocast(x.device.type, enabled=False):  # the casts are explicit below
+            return ThinAdapterOp._forward(ctx, base, kind, row_scale, x.to(dtype), weight.to(dtype),
+                                          _cast(bias, dtype), build)
+
+    @staticmethod
+    def _forward(ctx, base, kind, row_scale, x, weight, bias, factors):
         up, down = thin_pair(kind, factors, row_scale)
+        up, down = up.to(x.dtype), down.to(x.dtype)
         y = run_base(base, x, weight, bias)
         if isinstance(base, nn.Linear):
             hidden = x.reshape(-1, x.shape[-1]) @ down.t()
@@ -153,11 +200,16 @@ class ThinAdapterOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return ThinAdapterOp._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         base = ctx.base
         x, weight, hidden, up, down, *factors = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[3:6]
         need_factors = any(ctx.needs_input_grad[6:])
-        grad = grad.contiguous()
+        grad = grad.to(x.dtype).contiguous()
         gx, gw, gb = _run_base_backward(base, grad, x, weight, (need_x, need_w, need_b))
         factor_grads = [None] * len(factors)
         if isinstance(base, nn.Linear):
@@ -183,8 +235,9 @@ class ThinAdapterOp(torch.autograd.Function):
                 g_up = torch.matmul(grad3, hidden3.transpose(1, 2)).sum(0)
                 g_down = g_down_kernel.view(down.shape)
         if need_factors:
-            factor_grads = thin_pair_grads(ctx.kind, g_up, g_down, factors, ctx.row_scale)
-        return (None, None, None, gx, gw, gb, *factor_grads)
+            build = factors[0].dtype
+            factor_grads = thin_pair_grads(ctx.kind, g_up.to(build), g_down.to(build), factors, ctx.row_scale)
+        return _input_grads(ctx, gx, gw, gb, factor_grads)
 
 
 class MergedAdapterOp(torch.autograd.Function):
@@ -192,25 +245,38 @@ class MergedAdapterOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base: nn.Module, kind: str, row_scale, x, weight, bias, *factors):
-        merged, _ = merged_weight(kind, weight, factors, row_scale)
-        ctx.base, ctx.kind, ctx.row_scale = base, kind, row_scale
-        ctx.save_for_backward(x, weight, *factors)
-        return run_base(base, x, merged, bias)
+        _remember_dtypes(ctx, x, weight, bias, factors)
+        dtype = compute_dtype(x, weight)
+        build = [f.to(_build_dtype(factors)) for f in factors]
+        with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
+            merged, _ = merged_weight(kind, weight, build, row_scale)
+            x = x.to(dtype)
+            ctx.base, ctx.kind, ctx.row_scale = base, kind, row_scale
+            ctx.save_for_backward(x, weight, *build)
+            return run_base(base, x, merged.to(dtype), _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return MergedAdapterOp._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, weight, *factors = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[3:6]
         need_factors = any(ctx.needs_input_grad[6:])
         merged, saved = merged_weight(ctx.kind, weight, factors, ctx.row_scale)
-        gx, g_merged, gb = _run_base_backward(ctx.base, grad.contiguous(), x, merged,
+        gx, g_merged, gb = _run_base_backward(ctx.base, grad.to(x.dtype).contiguous(), x, merged.to(x.dtype),
                                               (need_x, need_w or need_factors, need_b))
         factor_grads = [None] * len(factors)
         if need_factors:
             g_delta = g_merged.reshape(weight.shape[0], -1)
-            factor_grads = merged_weight_grads(ctx.kind, g_delta.clone() if need_w else g_delta, factors,
-                                               ctx.row_scale, saved)
-        return (None, None, None, gx, g_merged if need_w else None, gb, *factor_grads)
+            if g_delta.dtype != factors[0].dtype:
+                g_delta = g_delta.to(factors[0].dtype)  # a new tensor
+            elif need_w:
+                g_delta = g_delta.clone()  # merged_weight_grads may overwrite it
+            factor_grads = merged_weight_grads(ctx.kind, g_delta, factors, ctx.row_scale, saved)
+        return _input_grads(ctx, gx, g_merged if need_w else None, gb, factor_grads)
 
 
 # -- fusing into the weights (no autograd) -------------------------------------------------------

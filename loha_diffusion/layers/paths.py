@@ -4,8 +4,8 @@
   autograd function that keeps only the low-rank factors;
 * thin path: ``base(x) + sum_a s_a * up_a(down_a(x))`` with the exact (up, down) pair of each
   adapter (rank r for LoRA, the rank-r^2 Khatri-Rao pair for LoHa).
-One adapter on a plain fp32 layer runs either path as a single autograd node of
-``loha_diffusion.fused`` (``fused_route_applies``, ``fused_forward``).
+One adapter runs either path as a single autograd node of ``loha_diffusion.fused``
+(``fused_route_applies``, ``fused_forward``), in fp32 or in mixed precision.
 
 The functions take the base layer and ``terms``, the adapters to apply as ``weights.Term``
 (name, tensors, strength); ``strength_scale`` multiplies every strength for one fuse.
@@ -160,15 +160,20 @@ class PathChoice:
 
 
 # -- one adapter as a single autograd node -------------------------------------------------------
+# autocast casts only these; other dtypes (fp64) run as they are, which the fused ops leave to autograd
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def fused_route_applies(base: nn.Module, x: torch.Tensor, adapters: list[AdapterWeights]) -> bool:
-    """Whether this call can run as one node of ``loha_diffusion.fused``."""
-    if len(adapters) != 1 or not supports_fused_ops(base):
+    """Whether this call can run as one node of ``loha_diffusion.fused``: one adapter with fused
+    factors on a layer the ops run, in one dtype or under autocast (``fused.compute_dtype``)."""
+    if len(adapters) != 1 or not supports_fused_ops(base) or not adapters[0].supports_fused:
         return False
-    if not (x.dtype == base.weight.dtype == adapters[0].dtype == torch.float32) or \
-            torch.is_autocast_enabled(x.device.type):
-        return False  # reduced or mixed precision: the general path casts where needed
-    if not adapters[0].supports_fused:
-        return False
+    if torch.is_autocast_enabled(x.device.type):
+        if x.dtype not in _AUTOCAST_DTYPES or base.weight.dtype not in _AUTOCAST_DTYPES:
+            return False
+    elif x.dtype != base.weight.dtype:
+        return False  # the base layer itself would refuse this call
     return isinstance(base, nn.Linear) or x.dim() == base.weight.dim()  # not an unbatched conv input
 
 
