@@ -15,7 +15,7 @@ import torch
 from ..algorithms.dora import apply_dora
 from ..io import AdapterFileError
 from ..layers import AdapterLayer, AdapterWeights
-from ..model import unwrap
+from ..injection import unwrap
 
 
 class AdapterModule(NamedTuple):
