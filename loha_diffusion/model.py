@@ -124,7 +124,8 @@ class LoHaModel(ModelWrapper):
                 layer.unmerge()
                 self.model.set_submodule(path, layer.base_layer)
         for path, wrapper in list(saved_module_wrappers(self.model)):
-            wrapper.modules_to_save.pop(adapter_name, None)
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
             if not len(wrapper.modules_to_save):
                 self.model.set_submodule(path, wrapper.original_module)
         del self.peft_config[adapter_name]

@@ -235,6 +235,6 @@ def _saved_module_problems(path: str, module: nn.Module, state: dict, adapter_na
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{k}: expected {tuple(expected[k])}, found {tuple(v.shape)}" for k, v in state.items()
              if k in expected and v.shape != expected[k]]
-    if missing or extra or wrong:
-        return [f"{path} (in modules_to_save): missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}"]
-    return []
+    parts = [f"{label} {items[:5]}" for label, items in
+             (("missing", missing), ("unexpected", extra), ("wrong shapes", wrong)) if items]
+    return [f"{path} (in modules_to_save): {', '.join(parts)}"] if parts else []
