@@ -49,9 +49,15 @@ class LoHaModel(ModelWrapper):
         super().__init__(model)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
+        trainable = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)
         if config is not None:
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+            try:
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+            except Exception:  # a config that does not fit leaves the model as it was
+                for param, flag in zip(model.parameters(), trainable):
+                    param.requires_grad_(flag)
+                raise
 
     def get_base_model(self) -> nn.Module:
         return self.model

@@ -89,11 +89,13 @@ def test_saved_unet_adapter_loads_in_peft_with_the_same_outputs(tmp_path, kind):
     ours.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == PEFT_TYPES[kind]
-    assert config["use_effective_conv2d" if kind != "lora" else "peft_type"] == (
-        True if kind == "loha_tucker" else False if kind != "lora" else "LORA")
+    if kind != "lora":
+        assert config["use_effective_conv2d"] is (kind == "loha_tucker")
     theirs = PeftModel.from_pretrained(tiny_sd15_unet(), tmp_path)
     assert peft_adapted_paths(theirs) == adapted_paths(ours.model)
-    assert_same(unet_output(ours), unet_output(theirs))
+    expected = unet_output(ours)
+    assert (expected - unet_output(tiny_sd15_unet())).abs().max() > 1e-3  # the adapter does something
+    assert_same(unet_output(theirs), expected)
 
 
 def test_the_callers_config_fields_are_kept(tmp_path):
@@ -143,11 +145,12 @@ def test_peft_saved_unet_adapter_loads_with_the_same_outputs(tmp_path, kind):
     ours = LoHaModel.from_pretrained(tiny_sd15_unet(), tmp_path)
     assert adapted_paths(ours.model) == peft_adapted_paths(theirs)
     assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
-    assert (unet_output(ours) - unet_output(tiny_sd15_unet())).abs().max() > 1e-3  # the adapter does something
-    assert_same(unet_output(ours), unet_output(theirs))
+    expected = unet_output(theirs)
+    assert (expected - unet_output(tiny_sd15_unet())).abs().max() > 1e-3  # the adapter does something
+    assert_same(unet_output(ours), expected)
     # and back: what we save from it PEFT loads to the same outputs
     ours.save_pretrained(tmp_path / "again")
-    assert_same(unet_output(PeftModel.from_pretrained(tiny_sd15_unet(), tmp_path / "again")), unet_output(theirs))
+    assert_same(unet_output(PeftModel.from_pretrained(tiny_sd15_unet(), tmp_path / "again")), expected)
 
 
 def test_is_trainable_keeps_adapter_tensors_trainable(tmp_path):
@@ -234,6 +237,15 @@ def test_layer_selection_rules_follow_peft():
         ours, theirs = LoHaConfig(**fields), PeftLoHaConfig(**fields)
         expected = [p for p in paths if check_target_module_exists(theirs, p) is True]
         assert [p for p in paths if ours.matches(p)] == expected, fields
+
+
+def test_modules_to_save_that_name_nothing():
+    encoder = tiny_text_encoder()
+    before = snapshot(encoder)
+    with pytest.raises(ValueError, match=r"modules_to_save \['token_embeddings'\] name no module"):
+        LoHaModel(encoder, LoHaConfig(target_modules=["q_proj"], modules_to_save=["token_embeddings"]))
+    assert_unchanged(encoder, before)
+    assert all(p.requires_grad for p in encoder.parameters())  # not left frozen either
 
 
 @pytest.mark.parametrize("fields, message", [
