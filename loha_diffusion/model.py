@@ -1,147 +1,66 @@
-"""Putting adapters into a model (inject / remove) and the PEFT-style ``LoHaModel`` wrapper."""
+"""The PEFT-style ``LoHaModel`` wrapper: adapters on one model, their management and persistence."""
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+import os
 
 import torch
 from torch import nn
 
-from .algorithms import get_algorithm
 from .config import AdapterConfig
-from .layers import SUPPORTED_LAYERS, AdapterLayer, AdapterWeights
+from .injection import (
+    ModelWrapper,
+    adapter_layers,
+    adapters_disabled,
+    inject_adapter,
+    logical_modules,
+    place_adapters,
+    remove_adapters,
+    unwrap,
+)
+from .layers import AdapterLayer
+from .persistence import (
+    AdapterPlan,
+    adapter_files,
+    adapter_folder,
+    plan_adapter,
+    read_adapter_folder,
+    write_adapter_folder,
+)
+from .saved_modules import ModulesToSave, find_modules_to_save, saved_module_wrappers
+
+# the injection helpers, importable from here as before
+__all__ = ["LoHaModel", "adapter_layers", "adapters_disabled", "inject_adapter", "logical_modules", "remove_adapters",
+           "unwrap"]
 
 
-def adapter_layers(model: nn.Module):
-    """(path, AdapterLayer) pairs, paths as they were before injection."""
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield path, module
-
-
-def logical_modules(model: nn.Module):
-    """(path, module) for every module, with an AdapterLayer standing for the layer it wraps."""
-    skip = None
-    for path, module in model.named_modules():
-        if skip is not None and path.startswith(skip):
-            continue
-        skip = path + "." if isinstance(module, AdapterLayer) else None
-        yield path, module
-
-
-def _describe_targets(model: nn.Module) -> str:
-    names = sorted({path.rsplit(".", 1)[-1] for path, m in logical_modules(model)
-                    if path and isinstance(m, (AdapterLayer, *SUPPORTED_LAYERS))})
-    shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
-    return f"Linear/Conv layer names in {type(model).__name__}: {shown}"
-
-
-def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> list[str]:
-    """Create adapter ``adapter_name`` on every layer ``config`` targets; return their paths.
-
-    All checks run before the first module is replaced, so an error leaves ``model`` unchanged.
-    """
-    algorithm = get_algorithm(config.algorithm)
-    targets = []
-    for path, module in logical_modules(model):
-        if not path or not config.matches(path):
-            continue
-        if isinstance(module, AdapterLayer):
-            if adapter_name in module.adapters:
-                raise ValueError(f"adapter {adapter_name!r} already exists on {path}; use another name "
-                                 "or delete it first")
-        elif not isinstance(module, SUPPORTED_LAYERS):
-            raise TypeError(
-                f"target_modules matched {path!r}, a {type(module).__name__}; only nn.Linear, nn.Conv1d and "
-                "nn.Conv2d can take an adapter. Name the layers inside it instead (e.g. 'to_out.0' rather "
-                "than 'to_out').")
-        targets.append((path, module))
-    if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matched no module "
-                         f"(exclude_modules={config.exclude_modules!r}). {_describe_targets(model)}")
-
-    for path, module in targets:
-        layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
-        weight = layer.base_layer.weight
-        rank = config.rank_for(path)
-        options = {"decompose_both": config.decompose_both, "factor": config.decompose_factor} \
-            if config.algorithm == "lokr" else {}
-        if config.low_cpu_mem_usage:
-            with torch.device("meta"):
-                tensors = algorithm.init_params(weight.shape, rank, config.use_effective_conv2d, config.init_scheme,
-                                                **options)
-        else:
-            tensors = algorithm.init_params(weight.shape, rank, config.use_effective_conv2d, config.init_scheme,
-                                            **options)
-            tensors = {k: v.to(weight.device) for k, v in tensors.items()}
-        adapter = AdapterWeights(config.algorithm, tensors, config.alpha_for(path),
-                                 rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
-        layer.add_adapter(adapter_name, adapter)
-        if layer is not module:
-            model.set_submodule(path, layer)
-    for _, layer in adapter_layers(model):
-        layer.base_layer.requires_grad_(False)
-    return [path for path, _ in targets]
-
-
-def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put every original layer object back; with ``merge`` the fused weights are kept."""
-    for path, layer in list(adapter_layers(model)):
-        if merge:
-            layer.merge(exact_unmerge=False)  # in place: no copy of the weight that is dropped anyway
-            layer.drop_backup()
-        else:
-            layer.unmerge()
-        model.set_submodule(path, layer.base_layer)
-    return model
-
-
-@contextmanager
-def adapters_disabled(*models: nn.Module):
-    """Run ``models`` without their adapters inside the block (fused adapters are unfused)."""
-    layers = [layer for model in models for _, layer in adapter_layers(model)]
-    previous = [layer.adapters_enabled for layer in layers]
-    for layer in layers:
-        layer.adapters_enabled = False
-    try:
-        yield
-    finally:
-        for layer, state in zip(layers, previous):
-            layer.adapters_enabled = state
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a ``LoHaModel`` (or the module itself)."""
-    return module.model if isinstance(module, LoHaModel) else module
-
-
-class LoHaModel(nn.Module):
+class LoHaModel(ModelWrapper):
     """PEFT-style wrapper: ``LoHaModel(model, config, adapter_name)``.
 
     The wrapped model keeps working wherever it was used (``config``, ``dtype``, ``device``,
-    submodules and calls are forwarded), so a pipeline component can be replaced by it.
-    Only adapter tensors are trainable; the base model is frozen.
+    submodules and calls are forwarded), so a pipeline component can be replaced by it; the
+    wrapper's own methods and ``peft_config`` / ``active_adapter(s)`` are never the model's.
+    Only adapter tensors (and copies of ``modules_to_save``) are trainable; the base model is
+    frozen. ``config=None`` gives a wrapper without adapters, for ``load_adapter``.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
+        trainable = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
+        if config is not None:
+            try:
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+            except Exception:  # a config that does not fit leaves the model as it was
+                for param, flag in zip(model.parameters(), trainable):
+                    param.requires_grad_(flag)
                 raise
-            return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def get_base_model(self) -> nn.Module:
+        return self.model
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -155,21 +74,51 @@ class LoHaModel(nn.Module):
             raise ValueError(f"unknown adapter name(s) {unknown}; this model has {sorted(self.peft_config)}")
         return names
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+    def _check_new_name(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+        self._check_new_name(adapter_name)
         if low_cpu_mem_usage and not config.low_cpu_mem_usage:
             config = dataclasses.replace(config, low_cpu_mem_usage=True)
+        saved = find_modules_to_save(logical_modules(self.model), config.modules_to_save)
+        for path in saved:
+            module = self.model.get_submodule(path)
+            if isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
+                raise ValueError(f"modules_to_save names {path!r}, which holds adapter layers of another adapter; "
+                                 "a module cannot be both adapted and trained whole")
         inject_adapter(self.model, config, adapter_name)
+        self._register(adapter_name, config, {path: None for path in saved}, trainable=True)
+
+    def _register(self, adapter_name: str, config: AdapterConfig, saved: dict, trainable: bool) -> None:
+        """Copy the ``saved`` modules for the adapter (loading a state dict where one is given)
+        and record its config. A new adapter does not change which adapters run, as in PEFT;
+        set_adapter() does."""
+        for path, state in saved.items():
+            wrapper = self.model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSave):
+                wrapper = ModulesToSave(wrapper)
+                self.model.set_submodule(path, wrapper)
+            copy = wrapper.add_copy(adapter_name, trainable)
+            if state is not None:
+                copy.load_state_dict(state)
         self.peft_config[adapter_name] = config
-        # A new adapter does not change which adapters run, as in PEFT; set_adapter() does.
+        self._activate(self.active_adapters)
+
+    def _activate(self, names: list[str]) -> None:
         for _, layer in adapter_layers(self.model):
-            layer.set_active(self.active_adapters)
+            layer.set_active(names)
+        for _, wrapper in saved_module_wrappers(self.model):
+            wrapper.set_active(names)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         names = self._check_names(adapter_name)
-        for _, layer in adapter_layers(self.model):
-            layer.set_active(names)
+        for path, wrapper in saved_module_wrappers(self.model):
+            if len(wrapper.active_names(names)) > 1:
+                raise ValueError(f"adapters {wrapper.active_names(names)} each train their own copy of {path!r} "
+                                 "(modules_to_save); only one of them can be active at a time")
+        self._activate(names)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -180,9 +129,15 @@ class LoHaModel(nn.Module):
             if not layer.adapters:
                 layer.unmerge()
                 self.model.set_submodule(path, layer.base_layer)
+        for path, wrapper in list(saved_module_wrappers(self.model)):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+            if not len(wrapper.modules_to_save):
+                self.model.set_submodule(path, wrapper.original_module)
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
         self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        self._activate(self.active_adapters)
 
     def disable_adapter(self):
         """Context manager: run the base model inside the block."""
@@ -246,6 +201,52 @@ class LoHaModel(nn.Module):
                 layer.adapters[adapter_name].to(layer.base_layer.weight.device)
                 layer.invalidate()
 
+    # -- persistence (PEFT's folder layout) ------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True) -> None:
+        """Write each adapter (all by default) as ``PeftModel.save_pretrained`` does: the "default"
+        adapter into ``save_directory``, any other into ``save_directory/<name>``.
+
+        ``safe_serialization=False`` writes ``adapter_model.bin``, a pickle, as PEFT does, and
+        warns: ``from_pretrained`` / ``load_adapter`` read it only with ``allow_pickle=True``.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a folder (created if missing)")
+        names = list(self.peft_config) if selected_adapters is None else self._check_names(selected_adapters)
+        # everything is computed before the first file is written
+        contents = [(name, *adapter_files(self.model, name, self.peft_config[name])) for name in names]
+        for name, tensors, config in contents:
+            write_adapter_folder(adapter_folder(save_directory, name), tensors, config, safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, allow_pickle: bool = False) -> LoHaModel:
+        """``model`` with the adapter of a PEFT LoRA / LoHa / LoKr folder (PEFT's or ours) on it,
+        active; frozen and in eval mode unless ``is_trainable``. Raises before touching ``model``
+        when the folder does not fit it."""
+        if isinstance(model, ModelWrapper):
+            raise TypeError("from_pretrained takes the base model; to add an adapter to a LoHaModel, call its "
+                            "load_adapter(folder, adapter_name)")
+        plan = _plan(model, model_id, adapter_name, allow_pickle)
+        wrapper = cls(model, adapter_name=adapter_name)  # the adapter is active from the start
+        wrapper._apply(plan, adapter_name, is_trainable)
+        return wrapper
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False) -> None:
+        """Add the adapter of a PEFT folder under ``adapter_name``, not active (``set_adapter``
+        activates it), as ``PeftModel.load_adapter`` does."""
+        self._check_new_name(adapter_name)
+        self._apply(_plan(self.model, model_id, adapter_name, allow_pickle), adapter_name, is_trainable)
+
+    def _apply(self, plan: AdapterPlan, adapter_name: str, trainable: bool) -> None:
+        for adapter in plan.adapters.values():
+            adapter.requires_grad_(trainable)
+        place_adapters(self.model, adapter_name, plan.adapters)
+        self._register(adapter_name, plan.config, plan.saved, trainable)
+        if not trainable:
+            self.eval()
+
     # -- parameters ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -256,3 +257,8 @@ class LoHaModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
+
+
+def _plan(model: nn.Module, model_id, adapter_name: str, allow_pickle: bool) -> AdapterPlan:
+    config, tensors = read_adapter_folder(model_id, allow_pickle=allow_pickle)
+    return plan_adapter(model, config, tensors, adapter_name, str(model_id))

@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 
 from ..algorithms.dora import apply_dora
+from ..injection import unwrap
 from ..io import AdapterFileError
 from ..layers import AdapterLayer, AdapterWeights
-from ..model import unwrap
 
 
 class AdapterModule(NamedTuple):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..algorithms import lokr
-from ..algorithms.loha import half_factors
+from ..algorithms.loha import half_factors, is_tucker
 from ..config import pattern_key
 from ..family import detect_family
 from ..io import AdapterFileError, load_state_dict, read_json_object, save_state_dict
@@ -105,7 +105,7 @@ class PeftFolder:
         config = read_json_object(folder / "adapter_config.json")
         tensors, _ = load_state_dict(folder / "adapter_model.safetensors")
         if component is None:
-            paths = {parsed[0] for parsed in map(_parse, tensors) if parsed is not None}
+            paths = {parsed[0] for parsed in map(parse_adapter_key, tensors) if parsed is not None}
             fits = [c for c in table.components if all(table.resolve_path(c, p) for p in paths)]
             if len(fits) != 1:
                 raise AdapterFileError(f"{folder}: its PEFT modules fit {'several components ' if fits else 'no '}"
@@ -118,50 +118,63 @@ class PeftFolder:
 
     def kohya_tensors(self, table) -> dict[str, torch.Tensor]:
         """The tensors under the Kohya names of ``table``'s modules (a ``KeyTable``), with one
-        ``alpha`` per module. A config without an alpha field (a diffusers file without its
-        metadata) means scale 1; ``use_rslora`` means scale alpha / sqrt(r)."""
+        ``alpha`` per module (see :func:`module_tensors`)."""
         state = {}
         for component, tensors in self.tensors.items():
-            config = self.configs[component]
-            algorithm = _ALGORITHM_OF_PEFT_TYPE.get(config.get("peft_type", "").upper())
-            if algorithm is None:
-                raise AdapterFileError(f"{component}: PEFT type {config.get('peft_type')!r} is not LoRA, LoHa or LoKr")
-            alpha_default = config.get(PEFT_ALGORITHMS[algorithm].alpha_field)
-            paths = {}
-            for key, tensor in tensors.items():
-                parsed = _parse(key)
-                if parsed is None:
-                    raise AdapterFileError(f"{component}: {key!r} is not a PEFT adapter key")
-                module_path, tensor_name = parsed
+            for module_path, module in module_tensors(tensors, self.configs[component], component).items():
                 target = table.resolve_path(component, module_path)
                 if target is None:
                     raise AdapterFileError(f"{component}: PEFT module {module_path!r} is not in the base model")
                 name = table.kohya_name(component, target.path)
-                if tensor_name == "dora_scale" and tensor.dim() == 4:  # conv: (1, out, 1, 1) -> (out, 1, 1, 1)
-                    tensor = tensor.reshape(-1, 1, 1, 1)
-                state[f"{name}.{tensor_name}"] = tensor
-                paths[name] = module_path
-            for name, path in paths.items():
-                down = state.get(f"{name}.lora_down.weight")
-                rank = down.shape[0] if down is not None else None
-                alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
-                if alpha is None:  # scale 1
-                    alpha = rank if rank is not None else _pattern_value(config.get("rank_pattern"), path,
-                                                                          config.get("r", 8))
-                elif config.get("use_rslora") and rank is not None:
-                    alpha = float(alpha) * math.sqrt(rank)
-                state[f"{name}.alpha"] = torch.tensor(float(alpha))
-                if algorithm == "lokr" and f"{name}.lokr_w1" in state and f"{name}.lokr_w2" in state:
-                    # Both halves full: the community rule is scale 1, PEFT's is alpha / r. Bake it in.
-                    r = _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
-                    state[f"{name}.lokr_w1"] = state[f"{name}.lokr_w1"] * (float(alpha) / r)
+                state.update({f"{name}.{tensor_name}": tensor for tensor_name, tensor in module.items()})
         return state
+
+
+def algorithm_of(config: dict, source: str) -> str:
+    """Our algorithm name for a PEFT ``adapter_config.json``."""
+    algorithm = _ALGORITHM_OF_PEFT_TYPE.get(str(config.get("peft_type", "")).upper())
+    if algorithm is None:
+        raise AdapterFileError(f"{source}: PEFT type {config.get('peft_type')!r} is not LoRA, LoHa or LoKr")
+    return algorithm
+
+
+def module_tensors(tensors: dict[str, torch.Tensor], config: dict, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {community tensor name: tensor}} of one PEFT adapter, with one ``alpha`` per module.
+
+    A config without an alpha field (a diffusers file without its metadata) means scale 1;
+    ``use_rslora`` means scale alpha / sqrt(r). Keys that are no adapter tensor raise.
+    """
+    algorithm = algorithm_of(config, source)
+    alpha_default = config.get(PEFT_ALGORITHMS[algorithm].alpha_field)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_adapter_key(key)
+        if parsed is None:
+            raise AdapterFileError(f"{source}: {key!r} is not a PEFT adapter key")
+        module_path, tensor_name = parsed
+        if tensor_name == "dora_scale" and tensor.dim() == 4:  # conv: (1, out, 1, 1) -> (out, 1, 1, 1)
+            tensor = tensor.reshape(-1, 1, 1, 1)
+        modules.setdefault(module_path, {})[tensor_name] = tensor
+    for path, module in modules.items():
+        down = module.get("lora_down.weight")
+        rank = down.shape[0] if down is not None else None
+        alpha = _pattern_value(config.get("alpha_pattern"), path, alpha_default)
+        if alpha is None:  # scale 1
+            alpha = rank if rank is not None else _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
+        elif config.get("use_rslora") and rank is not None:
+            alpha = float(alpha) * math.sqrt(rank)
+        module["alpha"] = torch.tensor(float(alpha))
+        if algorithm == "lokr" and "lokr_w1" in module and "lokr_w2" in module:
+            # Both halves full: the community rule is scale 1, PEFT's is alpha / r. Bake it in.
+            r = _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
+            module["lokr_w1"] = module["lokr_w1"] * (float(alpha) / r)
+    return modules
 
 
 _MAGNITUDE = "lora_magnitude_vector"
 
 
-def _parse(key: str) -> tuple[str, str] | None:
+def parse_adapter_key(key: str) -> tuple[str, str] | None:
     """(module path, community tensor name) of a PEFT key; PEFT's DoRA magnitude is our ``dora_scale``
     (saved as ``<path>.lora_magnitude_vector``, live models add ``.weight``)."""
     bare = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
@@ -218,13 +231,73 @@ def _lokr_tensors(adapter: AdapterWeights, weight: torch.Tensor) -> tuple[dict, 
     return tensors, r, adapter.scale * r
 
 
-def _community_tensors(algorithm: str, adapter: AdapterWeights, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A LoRA or LoHa module's tensors in PEFT's flat layout (no Tucker cores), exactly."""
+def _community_tensors(algorithm: str, adapter: AdapterWeights, weight: torch.Tensor,
+                       keep_tucker: bool = False) -> dict[str, torch.Tensor]:
+    """A LoRA or LoHa module's tensors in PEFT's layout, exactly: flat, a Tucker core folded into
+    the _b factor, unless ``keep_tucker`` (a LoHa whose convolutions PEFT builds in Tucker form)."""
     if algorithm == "lora":
         return lora_tensors(*adapter.low_rank_factors(), weight.shape)
-    # a Tucker core is folded into the _b factor
+    if keep_tucker and is_tucker(adapter.params):
+        return {name: tensor.detach() for name, tensor in adapter.params.items()}
     (u1, d1), (u2, d2) = (half_factors(adapter.params, i, adapter.legacy_tucker) for i in (1, 2))
     return {"hada_w1_a": u1, "hada_w1_b": d1, "hada_w2_a": u2, "hada_w2_b": d2}
+
+
+def _peft_tucker(algorithm: str, modules) -> bool:
+    """True when a LoHa adapter is in the Tucker form PEFT's ``use_effective_conv2d`` builds: every
+    convolution with a kernel larger than 1 has cores (t1 and t2, not LyCORIS' legacy t1 twice),
+    every other module has none."""
+    if algorithm != "loha":
+        return False
+    spatial = [any(k != 1 for k in m.weight.shape[2:]) for m in modules]
+    tucker = [is_tucker(m.adapter.params) and not m.adapter.legacy_tucker for m in modules]
+    return any(tucker) and spatial == tucker
+
+
+def peft_adapter(modules: list) -> tuple[dict[str, torch.Tensor], dict, dict[str, tuple[int, float]]]:
+    """(PEFT tensors, ``adapter_config.json`` fields, {module path: (r, alpha)}) of one adapter on one model.
+
+    ``modules``: the adapter's ``AdapterModule``s on that model. ``r``, the alpha field,
+    ``rank_pattern`` and ``alpha_pattern`` reproduce every module's rank and scale under PEFT's
+    rules (the most common value, exact per-module patterns for the rest); the (r, alpha) of each
+    module path come back too, so that a caller can check a config of its own against them.
+    """
+    component = modules[0].component or "model"
+    algorithms = {m.adapter.algorithm.NAME for m in modules}
+    dora = any(m.adapter.dora_scale is not None for m in modules)
+    if len(algorithms) != 1 or not algorithms <= PEFT_ALGORITHMS.keys() or dora:
+        raise AdapterFileError(f"{component}: PEFT holds one algorithm per adapter, LoRA, LoHa or LoKr without "
+                               f"DoRA; this adapter has {sorted(algorithms)}{' with DoRA' if dora else ''}")
+    algorithm = algorithms.pop()
+    factor = _lokr_factor(modules) if algorithm == "lokr" else None
+    tucker = _peft_tucker(algorithm, modules)
+    tensors, ranks, alphas = {}, {}, {}
+    for module in modules:
+        adapter, path = module.adapter, module.path
+        if algorithm == "lokr":  # its own r and alpha: a LoKr with both halves full has neither
+            community, ranks[path], alphas[path] = _lokr_tensors(adapter, module.weight)
+        else:
+            ranks[path], alphas[path] = adapter.rank, float(adapter.alpha)
+            community = _community_tensors(algorithm, adapter, module.weight, keep_tucker=tucker)
+        for name, tensor in community.items():
+            tensors[peft_key(path, to_peft_tensor_name(name))] = tensor.detach().float().contiguous()
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {"peft_type": PEFT_ALGORITHMS[algorithm].peft_type, "r": r,
+              "target_modules": sorted(ranks), "exclude_modules": None,
+              "rank_pattern": {exact_module_pattern(p): v for p, v in ranks.items() if v != r},
+              "alpha_pattern": {exact_module_pattern(p): v for p, v in alphas.items() if v != alpha},
+              "base_model_name_or_path": None, "inference_mode": True, "task_type": None,
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+    if algorithm == "lora":
+        options = {"lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                   "use_dora": False, "init_lora_weights": True}
+    else:
+        options = {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": tucker, "init_weights": True}
+    config.update({PEFT_ALGORITHMS[algorithm].alpha_field: alpha, **options})
+    if algorithm == "lokr":
+        config.update({"decompose_both": False, "decompose_factor": factor, "rank_dropout_scale": False})
+    return tensors, config, {path: (ranks[path], alphas[path]) for path in ranks}
 
 
 def write_peft_folder(components: dict, adapter_name: str, folder) -> Path:
@@ -234,39 +307,7 @@ def write_peft_folder(components: dict, adapter_name: str, folder) -> Path:
     for module in adapter_modules(components, adapter_name):
         by_component.setdefault(module.component, []).append(module)
     for component, modules in by_component.items():
-        algorithms = {m.adapter.algorithm.NAME for m in modules}
-        dora = any(m.adapter.dora_scale is not None for m in modules)
-        if len(algorithms) != 1 or not algorithms <= PEFT_ALGORITHMS.keys() or dora:
-            raise AdapterFileError(f"{component}: PEFT holds one algorithm per adapter, LoRA, LoHa or LoKr without "
-                                   f"DoRA; this adapter has {sorted(algorithms)}{' with DoRA' if dora else ''}")
-        algorithm = algorithms.pop()
-        factor = _lokr_factor(modules) if algorithm == "lokr" else None
-        tensors, ranks, alphas = {}, {}, {}
-        for module in modules:
-            adapter, path = module.adapter, module.path
-            if algorithm == "lokr":  # its own r and alpha: a LoKr with both halves full has neither
-                community, ranks[path], alphas[path] = _lokr_tensors(adapter, module.weight)
-            else:
-                ranks[path], alphas[path] = adapter.rank, float(adapter.alpha)
-                community = _community_tensors(algorithm, adapter, module.weight)
-            for name, tensor in community.items():
-                tensors[peft_key(path, to_peft_tensor_name(name))] = tensor.detach().float().contiguous()
-        r = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(alphas.values()).most_common(1)[0][0]
-        config = {"peft_type": PEFT_ALGORITHMS[algorithm].peft_type, "r": r,
-                  "target_modules": sorted(ranks), "exclude_modules": None,
-                  "rank_pattern": {exact_module_pattern(p): v for p, v in ranks.items() if v != r},
-                  "alpha_pattern": {exact_module_pattern(p): v for p, v in alphas.items() if v != alpha},
-                  "base_model_name_or_path": None, "inference_mode": True, "task_type": None,
-                  "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
-        if algorithm == "lora":
-            options = {"lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-                       "use_dora": False, "init_lora_weights": True}
-        else:
-            options = {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True}
-        config.update({PEFT_ALGORITHMS[algorithm].alpha_field: alpha, **options})
-        if algorithm == "lokr":
-            config.update({"decompose_both": False, "decompose_factor": factor, "rank_dropout_scale": False})
+        tensors, config, _ = peft_adapter(modules)
         (folder / component).mkdir(parents=True, exist_ok=True)
         save_state_dict(tensors, folder / component / "adapter_model.safetensors")
         (folder / component / "adapter_config.json").write_text(json.dumps(config, indent=2))
