@@ -26,7 +26,7 @@ from .config import CONFIG_CLASSES, AdapterConfig
 from .formats.in_memory import AdapterModule
 from .formats.peft import algorithm_of, module_tensors, parse_adapter_key, peft_adapter
 from .injection import adapter_layers, logical_modules
-from .io import AdapterFileError, load_state_dict, save_state_dict
+from .io import AdapterFileError, load_state_dict, read_json_object, save_state_dict
 from .layers import SUPPORTED_LAYERS, AdapterLayer, AdapterWeights
 from .naming.peft import PEFT_ALGORITHMS, PEFT_PREFIX
 from .saved_modules import ModulesToSave, find_modules_to_save, saved_module_wrappers
@@ -107,12 +107,7 @@ def read_adapter_folder(directory, allow_pickle: bool = False) -> tuple[dict, di
         hint = (f"; it holds the adapters {inside}: pass {folder}/<name>" if inside else
                 "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors")
         raise AdapterFileError(f"{folder}: no {CONFIG_NAME}, so not a PEFT adapter folder{hint}")
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{folder / CONFIG_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{folder / CONFIG_NAME} does not hold a JSON object")
+    config = read_json_object(folder / CONFIG_NAME)
     if (folder / SAFETENSORS_NAME).is_file():
         weights = folder / SAFETENSORS_NAME
     elif (folder / PICKLE_NAME).is_file():
