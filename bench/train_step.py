@@ -2,6 +2,8 @@
 
 Implementations, side by side in one process (each on its own deep copy of the same base models):
   loha_diffusion  this package's LoHaModel on the UNet and on the text encoder
+  loha_general    the same with the single-node fused ops switched off (every layer on the general
+                  autograd path): what the fused ops buy. Only with --only.
   peft_loha       peft.LoHaConfig + peft.inject_adapter_in_model
   peft_lora       peft.LoraConfig (r=8, lora_alpha=8) + peft.inject_adapter_in_model
   lycoris_loha    lycoris.create_lycoris(..., algo="loha") restricted by a target_name preset
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -78,6 +81,7 @@ mixed_precision = "no"
 # Targets (issue "training speed where users train"): mixed precision at SD1.5 widths.
 TARGETS = {"time_vs_peft_loha": 0.30, "time_vs_peft_lora": 1.0, "memory_vs_peft_lora": 1.0}
 NAMES = ("loha_diffusion", "peft_loha", "peft_lora", "lycoris_loha", "no_adapter")
+ABLATIONS = ("loha_general",)
 
 
 @dataclass
@@ -218,7 +222,9 @@ def build_no_adapter(unet, text_encoder) -> Impl:
 
 
 BUILDERS = {"loha_diffusion": build_loha_diffusion, "peft_loha": build_peft_loha, "peft_lora": build_peft_lora,
-            "lycoris_loha": build_lycoris_loha, "no_adapter": build_no_adapter}
+            "lycoris_loha": build_lycoris_loha, "no_adapter": build_no_adapter,
+            "loha_general": lambda unet, text_encoder: dataclasses.replace(build_loha_diffusion(unet, text_encoder),
+                                                                          name="loha_general")}
 
 
 def precision_label() -> str:
@@ -263,8 +269,21 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
             "noise": noise, "timesteps": timesteps}
 
 
+@contextlib.contextmanager
+def fused_ops_off():
+    """The layers decide their route in forward (backward follows the graph built there)."""
+    from loha_diffusion.layers import paths
+
+    original = paths.fused_route_applies
+    paths.fused_route_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        paths.fused_route_applies = original
+
+
 def forward_loss(impl: Impl, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    with autocast():
+    with autocast(), (fused_ops_off() if impl.name == "loha_general" else contextlib.nullcontext()):
         hidden = impl.text_encoder(inputs["ids"]).last_hidden_state
         pred = impl.unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=hidden).sample
     return F.mse_loss(pred.float(), inputs["noise"]), pred
@@ -407,7 +426,8 @@ def fmt(value, spec):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each implementation)")
-    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(NAMES)}")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {','.join(NAMES + ABLATIONS)}")
     parser.add_argument("--json", default=None, help="write the figures to this path")
     parser.add_argument("--skip-memory", action="store_true", help="do not run the peak-memory subprocesses")
     parser.add_argument("--idle-wait", type=float, default=60.0,
@@ -437,15 +457,15 @@ def main(argv=None) -> int:
                      f"got {args.unet_channels!r}")
 
     if args.measure_memory:
-        if args.measure_memory not in NAMES:
+        if args.measure_memory not in NAMES + ABLATIONS:
             parser.error(f"unknown implementation {args.measure_memory!r}")
         print("MEMORY_JSON " + json.dumps(measure_memory(args.measure_memory)), flush=True)
         return 0
 
     names = list(NAMES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in NAMES]
+    unknown = [n for n in names if n not in NAMES + ABLATIONS]
     if unknown or not names:
-        parser.error(f"--only: unknown {unknown}; choose from {', '.join(NAMES)}")
+        parser.error(f"--only: unknown {unknown}; choose from {', '.join(NAMES + ABLATIONS)}")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     if args.retries < 0:
