@@ -8,24 +8,43 @@ import argparse
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from .convert import convert
 from .family import detect_family
-from .formats.kohya import read_kohya
-from .io import AdapterFileError
+from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
+from .formats.kohya import KohyaFile
+from .formats.peft import PeftFolder, is_peft_folder
+from .io import AdapterFileError, load_state_dict
 from .naming.keys import PREFIX_OWNERS
 from .naming.kohya import detect_unet_naming
 
 
+def _read_any_layout(path: Path, allow_pickle: bool) -> tuple[str, KohyaFile]:
+    """(layout, the adapter under Kohya-style names) of a Kohya/LyCORIS or diffusers LoRA file or
+    a PEFT pipeline folder, every key kept (unknown ones listed) and non-finite values allowed."""
+    if is_peft_folder(path):
+        layout, peft, metadata = "PEFT pipeline folder", PeftFolder.read(path), {}
+    else:
+        tensors, metadata = load_state_dict(path, allow_pickle=allow_pickle)
+        if not is_diffusers_lora(tensors):
+            return "Kohya/LyCORIS", KohyaFile.from_tensors(tensors, metadata, str(path), allow_unknown_keys=True,
+                                                           allow_non_finite=True)
+        layout, peft = "diffusers LoRA", read_diffusers_lora(tensors, metadata, str(path))
+    return layout, KohyaFile.from_tensors(peft.kohya_style_tensors(), metadata, str(path), allow_unknown_keys=True,
+                                          allow_non_finite=True)
+
+
 def inspect_file(path, allow_pickle: bool = False) -> dict:
-    """What a file holds: family, algorithms, per-prefix module counts, ranks, alphas, metadata."""
-    adapter = read_kohya(path, allow_pickle=allow_pickle, allow_unknown_keys=True, allow_non_finite=True)
+    """What a file holds: layout, family, algorithms, per-prefix module counts, ranks, alphas, metadata."""
+    layout, adapter = _read_any_layout(Path(path), allow_pickle)
     tensors, metadata, modules = adapter.tensors, adapter.metadata, adapter.modules
     names = list(modules)
     tags = Counter(m.algorithm.NAME + ("+dora" if m.dora_scale is not None else "") for m in modules.values())
     prefixes = Counter(next((p for p in PREFIX_OWNERS if n.startswith(p)), n.split("_", 1)[0] + "_") for n in names)
     return {
         "file": str(path),
+        "layout": layout,
         "family": detect_family(metadata, tensors, names),
         "unet_naming": detect_unet_naming(names),
         "modules": len(modules),
@@ -41,8 +60,8 @@ def inspect_file(path, allow_pickle: bool = False) -> dict:
 
 
 def _print_report(report: dict) -> None:
-    for key in ("file", "family", "unet_naming", "modules", "modules_by_prefix", "algorithms", "ranks", "alphas",
-                "modules_without_alpha", "dtypes"):
+    for key in ("file", "layout", "family", "unet_naming", "modules", "modules_by_prefix", "algorithms", "ranks",
+                "alphas", "modules_without_alpha", "dtypes"):
         print(f"{key:22} {report[key]}")
     unknown = report["unknown_keys"]
     print(f"{'unknown_keys':22} {len(unknown)}" + (f"  e.g. {unknown[:5]}" if unknown else ""))

@@ -199,3 +199,20 @@ def test_cli_inspect_and_convert(base, tmp_path, capsys):
     garbage.write_bytes(b"nonsense")
     assert main(["inspect", str(garbage)]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
+
+
+def test_cli_inspect_reads_peft_folders_and_diffusers_files(base, tmp_path, capsys):
+    pipe, model = base
+    source, _ = loha_file(pipe, tmp_path)
+    main(["inspect", str(source), "--json"])
+    kohya = json.loads(capsys.readouterr().out)
+    for to, destination in (("peft", tmp_path / "p"), ("diffusers", tmp_path / "d.safetensors")):
+        assert main(["convert", str(source), str(destination), "--to", to, "--base-model", str(model)]) == 0
+        capsys.readouterr()
+        assert main(["inspect", str(destination), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["layout"] == {"peft": "PEFT pipeline folder", "diffusers": "diffusers LoRA"}[to]
+        assert report["unknown_keys"] == [] and report["modules"] == kohya["modules"]
+        # the diffusers file holds each LoHa as its exact rank-r^2 LoRA
+        assert report["algorithms"] == ({"loha": kohya["modules"]} if to == "peft" else {"lora": kohya["modules"]})
+        assert report["modules_by_prefix"] == kohya["modules_by_prefix"]

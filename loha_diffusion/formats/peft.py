@@ -116,6 +116,16 @@ class PeftFolder:
             raise AdapterFileError(f"component={component!r}: the pipeline has {list(table.components)}")
         return cls({component: tensors}, {component: config})
 
+    def kohya_style_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under Kohya prefixes + the module paths as the folder names them, with
+        one ``alpha`` per module: what ``inspect`` reports on, without a model to resolve against."""
+        state = {}
+        for component, tensors in self.tensors.items():
+            for module_path, module in module_tensors(tensors, self.configs[component], component).items():
+                name = _KOHYA_PREFIX[component] + flat(module_path)
+                state.update({f"{name}.{tensor_name}": tensor for tensor_name, tensor in module.items()})
+        return state
+
     def kohya_tensors(self, table) -> dict[str, torch.Tensor]:
         """The tensors under the Kohya names of ``table``'s modules (a ``KeyTable``), with one
         ``alpha`` per module (see :func:`module_tensors`)."""
