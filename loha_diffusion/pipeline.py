@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .attach import attach, plan
+from .block_weights import UnetBlocks, describe_unet, layer_strength, resolve
 from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
 from .formats.kohya import KohyaFile, save_kohya
 from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
@@ -150,8 +151,15 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     return name
 
 
-def get_loha_adapters(pipe, flat: bool = False):
-    """{component: [adapter names]} (or one sorted list with ``flat=True``)."""
+def get_loha_adapters(pipe, flat: bool = False, weights: bool = False):
+    """{component: [adapter names]} (or one sorted list with ``flat=True``).
+
+    ``weights=True`` gives the active adapters' strengths instead, {adapter: {component: strength}},
+    in the form ``set_loha_adapters`` takes (a UNet with per-block strengths reports the
+    per-block dict), so ``set_loha_adapters(list(w), list(w.values()))`` sets them again.
+    """
+    if weights:
+        return _active_weights(pipe)
     by_component: dict[str, list[str]] = {}
     for component, _, layer in _layers(pipe):
         names = by_component.setdefault(component, [])
@@ -159,6 +167,18 @@ def get_loha_adapters(pipe, flat: bool = False):
     if flat:
         return sorted({n for names in by_component.values() for n in names})
     return by_component
+
+
+def _active_weights(pipe) -> dict[str, dict]:
+    per_layer: dict[str, dict[str, dict[str, float]]] = {}
+    for component, path, layer in _layers(pipe):
+        if layer.adapters_enabled:
+            for name in layer.active_adapters:
+                per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
+    blocks = UnetBlocks.of(unwrap(_components(pipe)[UNET]))
+    return {name: {component: describe_unet(strengths, blocks) if component == UNET
+                   else next(iter(strengths.values())) for component, strengths in by_component.items()}
+            for name, by_component in per_layer.items()}
 
 
 def _check_known(pipe, names) -> list[str]:
@@ -170,31 +190,43 @@ def _check_known(pipe, names) -> list[str]:
     return names
 
 
-def _per_name(values, names, what: str) -> list[float]:
-    if values is None or isinstance(values, (int, float)):
-        return [1.0 if values is None else float(values)] * len(names)
-    values = [float(v) for v in values]
+def _per_name(values, names, what: str) -> list:
+    if values is None or not isinstance(values, (list, tuple)):
+        return [values] * len(names)
     if len(values) != len(names):
         raise ValueError(f"{what} has {len(values)} values for {len(names)} adapters {names}")
-    return values
+    return list(values)
 
 
 def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=None) -> None:
-    """Make ``adapter_names`` the active adapters, with UNet and text-encoder strengths.
+    """Make ``adapter_names`` the active adapters, with their strengths.
 
-    ``weights`` (a number or one per adapter) sets the UNet strength and, unless
-    ``text_encoder_weights`` is given, the text encoders' too (ComfyUI's strength_model /
-    strength_clip). Adapters not named are deactivated.
+    ``weights`` is one strength or a list with one per adapter, each in diffusers'
+    ``set_adapters`` forms: a number (every component), or ``{"unet": ..., "text_encoder": ...,
+    "text_encoder_2": ...}`` where the UNet's entry may give per-block strengths such as
+    ``{"down": 0.5, "mid": 1.0, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (see ``block_weights``);
+    anything not named keeps 1.0. ``text_encoder_weights`` (a number or one per adapter) sets
+    the text encoders' strength apart from the UNet's (ComfyUI's strength_model /
+    strength_clip). Adapters not named are deactivated. Nothing is changed on an error.
     """
     names = _check_known(pipe, adapter_names)
-    unet_strengths = _per_name(weights, names, "weights")
-    te_strengths = unet_strengths if text_encoder_weights is None else _per_name(
-        text_encoder_weights, names, "text_encoder_weights")
-    for component, _, layer in _layers(pipe):
-        strengths = unet_strengths if component == UNET else te_strengths
-        for name, strength in zip(names, strengths):
-            if name in layer.adapters:
-                layer.set_strength(name, strength)
+    components = list(_components(pipe))
+    blocks = UnetBlocks.of(unwrap(_components(pipe)[UNET]))
+    te_weights = _per_name(text_encoder_weights, names, "text_encoder_weights")
+    resolved = {name: resolve(weight, components, blocks, None if te is None else float(te))
+                for name, weight, te in zip(names, _per_name(weights, names, "weights"), te_weights)}
+    changes = []
+    for component, path, layer in _layers(pipe):
+        strengths = {n: layer_strength(resolved[n][component], path) for n in names if n in layer.adapters}
+        for name, strength in strengths.items():
+            if name in layer.merged_adapters and strength != layer.strengths[name]:
+                raise RuntimeError(f"adapter {name!r} is fused into {component}.{path} at strength "
+                                   f"{layer.strengths[name]}; unfuse_loha() before changing its strength to "
+                                   f"{strength}. Nothing was changed.")
+        changes.append((layer, strengths))
+    for layer, strengths in changes:
+        for name, strength in strengths.items():
+            layer.set_strength(name, strength)
         layer.set_active(names)
 
 
