@@ -22,6 +22,7 @@ from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
 from .io import AdapterFileError, load_state_dict
 from .key_table import KeyTable
 from .layers import AdapterLayer
+from .layers.cache import CacheBudget
 from .model import unwrap
 from .naming.keys import COMPONENTS, UNET
 
@@ -37,10 +38,15 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
     return found
 
 
+def _model(module: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, inside a LoHaModel and/or ``torch.compile``'s wrapper."""
+    return unwrap(getattr(module, "_orig_mod", module))
+
+
 def _layers(pipe, component: str | None = None):
     for name, module in _components(pipe).items():
         if component is None or name == component:
-            for path, layer in unwrap(module).named_modules():
+            for path, layer in _model(module).named_modules():
                 if isinstance(layer, AdapterLayer):
                     yield name, path, layer
 
@@ -147,7 +153,10 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     # a local folder is named after the file found in it; a hub repository after the repository
     local = isinstance(located, Mapping) or Path(os.fspath(source)).exists()
     name = _unique_name(pipe, adapter_name, located if local else source)
+    budgets = {id(layer.weight_cache.budget): layer.weight_cache.budget for _, _, layer in _layers(pipe)}
     attach(placements, table, name)
+    if len(budgets) == 1:  # new layers share the budget the pipeline's layers have
+        _set_weight_cache(pipe, budgets.popitem()[1])
     return name
 
 
@@ -175,7 +184,7 @@ def _active_weights(pipe) -> dict[str, dict]:
         if layer.adapters_enabled:
             for name in layer.active_adapters:
                 per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
-    blocks = UnetBlocks.of(unwrap(_components(pipe)[UNET]))
+    blocks = UnetBlocks.of(_model(_components(pipe)[UNET]))
     return {name: {component: describe_unet(strengths, blocks) if component == UNET
                    else next(iter(strengths.values())) for component, strengths in by_component.items()}
             for name, by_component in per_layer.items()}
@@ -211,7 +220,7 @@ def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=No
     """
     names = _check_known(pipe, adapter_names)
     components = list(_components(pipe))
-    blocks = UnetBlocks.of(unwrap(_components(pipe)[UNET]))
+    blocks = UnetBlocks.of(_model(_components(pipe)[UNET]))
     te_weights = _per_name(text_encoder_weights, names, "text_encoder_weights")
     resolved = {name: resolve(weight, components, blocks, None if te is None else float(te))
                 for name, weight, te in zip(names, _per_name(weights, names, "weights"), te_weights)}
@@ -274,21 +283,25 @@ def enable_loha(pipe) -> None:
         layer.adapters_enabled = True
 
 
-def enable_loha_weight_cache(pipe) -> None:
+def enable_loha_weight_cache(pipe, max_bytes: int | None = None, leave_free: float = 0.2) -> None:
     """Unfused inference keeps each adapted layer's effective weight W + dW (the default): one
-    matmul per layer and call, at the memory of one more copy of the adapted weights."""
-    _set_weight_cache(pipe, True)
+    matmul per layer and call, at the memory of one more copy of the adapted weights, within a
+    budget. ``max_bytes`` caps that memory; without it a layer's copy is made only while
+    ``leave_free`` of the device's memory stays free (on CUDA the free memory when the copy is
+    made, on the CPU the available RAM). Layers past the budget apply their adapters per call
+    (a thin rank-r^2 path beside the base matmul, no copy): the same images, a little slower."""
+    _set_weight_cache(pipe, CacheBudget(max_bytes, leave_free))
 
 
 def disable_loha_weight_cache(pipe) -> None:
     """Unfused inference without that extra copy: each call applies the adapters again, as a
     thin rank-r^2 path beside the base matmul or a merged weight, whichever costs less."""
-    _set_weight_cache(pipe, False)
+    _set_weight_cache(pipe, CacheBudget(max_bytes=0))
 
 
-def _set_weight_cache(pipe, enabled: bool) -> None:
+def _set_weight_cache(pipe, budget: CacheBudget) -> None:
     for _, _, layer in _layers(pipe):
-        layer.set_weight_cache(enabled)
+        layer.set_weight_cache(True, budget)
 
 
 def delete_loha_adapters(pipe, adapter_names) -> None:
@@ -299,7 +312,7 @@ def delete_loha_adapters(pipe, adapter_names) -> None:
                 layer.delete_adapter(name)
         if not layer.adapters:
             layer.unmerge()
-            unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+            _model(_components(pipe)[component]).set_submodule(path, layer.base_layer)
 
 
 def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
@@ -317,7 +330,8 @@ def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
         elif layer.merged_adapters:
             unfused.extend(n for n in layer.merged_adapters if n not in unfused)
             layer.unmerge()
-        unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+        layer.invalidate()  # the cached weight's bytes go back to the budget
+        _model(_components(pipe)[component]).set_submodule(path, layer.base_layer)
     if unfused:
         warnings.warn(f"unload_loha_weights took the fused adapters {unfused} out of the weights again; to keep "
                       "them baked in (diffusers' fuse_lora + unload_lora_weights), call "
