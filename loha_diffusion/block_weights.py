@@ -189,3 +189,11 @@ def describe_unet(strengths: Mapping[str, float], blocks: UnetBlocks) -> float |
         described[level] = {f"block_{i}": [found.get(f"{_LEVEL_PREFIX[level]}.{i}.attentions.{j}", 1.0)
                                            for j in range(count)] for i, count in present.items()}
     return described
+
+
+def describe(per_layer: Mapping[str, Mapping[str, Mapping[str, float]]], blocks: UnetBlocks) -> dict[str, dict]:
+    """{adapter: {component: {layer path: strength}}} as {adapter: {component: strength}} in the
+    forms ``resolve`` takes (a text encoder's layers all share one strength)."""
+    return {name: {component: describe_unet(strengths, blocks) if component == UNET
+                   else next(iter(strengths.values())) for component, strengths in by_component.items()}
+            for name, by_component in per_layer.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .attach import attach, plan
-from .block_weights import UnetBlocks, describe_unet, layer_strength, resolve
+from .block_weights import UnetBlocks, describe, layer_strength, resolve
 from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
 from .formats.kohya import KohyaFile, save_kohya
 from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
@@ -153,20 +153,18 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     # a local folder is named after the file found in it; a hub repository after the repository
     local = isinstance(located, Mapping) or Path(os.fspath(source)).exists()
     name = _unique_name(pipe, adapter_name, located if local else source)
-    budgets = {id(layer.weight_cache.budget): layer.weight_cache.budget for _, _, layer in _layers(pipe)}
+    budgets = list({id(layer.weight_cache.budget): layer.weight_cache.budget for _, _, layer in _layers(pipe)}.values())
     attach(placements, table, name)
-    if len(budgets) == 1:  # new layers share the budget the pipeline's layers have
-        _set_weight_cache(pipe, budgets.popitem()[1])
+    for _, _, layer in _layers(pipe) if len(budgets) == 1 else ():  # new layers join the shared budget
+        if layer.weight_cache.budget is not budgets[0]:
+            layer.set_weight_cache(True, budgets[0])
     return name
 
 
 def get_loha_adapters(pipe, flat: bool = False, weights: bool = False):
-    """{component: [adapter names]} (or one sorted list with ``flat=True``).
-
-    ``weights=True`` gives the active adapters' strengths instead, {adapter: {component: strength}},
-    in the form ``set_loha_adapters`` takes (a UNet with per-block strengths reports the
-    per-block dict), so ``set_loha_adapters(list(w), list(w.values()))`` sets them again.
-    """
+    """{component: [adapter names]} (or one sorted list with ``flat=True``); ``weights=True``: the
+    active adapters' strengths, {adapter: {component: strength}} in ``set_loha_adapters``' forms
+    (``set_loha_adapters(list(w), list(w.values()))`` sets them again)."""
     if weights:
         return _active_weights(pipe)
     by_component: dict[str, list[str]] = {}
@@ -181,13 +179,9 @@ def get_loha_adapters(pipe, flat: bool = False, weights: bool = False):
 def _active_weights(pipe) -> dict[str, dict]:
     per_layer: dict[str, dict[str, dict[str, float]]] = {}
     for component, path, layer in _layers(pipe):
-        if layer.adapters_enabled:
-            for name in layer.active_adapters:
-                per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
-    blocks = UnetBlocks.of(_model(_components(pipe)[UNET]))
-    return {name: {component: describe_unet(strengths, blocks) if component == UNET
-                   else next(iter(strengths.values())) for component, strengths in by_component.items()}
-            for name, by_component in per_layer.items()}
+        for name in layer.active_adapters if layer.adapters_enabled else ():
+            per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
+    return describe(per_layer, UnetBlocks.of(_model(_components(pipe)[UNET])))
 
 
 def _check_known(pipe, names) -> list[str]:
@@ -208,15 +202,13 @@ def _per_name(values, names, what: str) -> list:
 
 
 def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=None) -> None:
-    """Make ``adapter_names`` the active adapters, with their strengths.
+    """Make ``adapter_names`` the active adapters (the others inactive), with their strengths.
 
-    ``weights`` is one strength or a list with one per adapter, each in diffusers'
-    ``set_adapters`` forms: a number (every component), or ``{"unet": ..., "text_encoder": ...,
-    "text_encoder_2": ...}`` where the UNet's entry may give per-block strengths such as
-    ``{"down": 0.5, "mid": 1.0, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (see ``block_weights``);
-    anything not named keeps 1.0. ``text_encoder_weights`` (a number or one per adapter) sets
-    the text encoders' strength apart from the UNet's (ComfyUI's strength_model /
-    strength_clip). Adapters not named are deactivated. Nothing is changed on an error.
+    ``weights``: one or one per adapter, in diffusers' ``set_adapters`` forms: a number, or
+    ``{"unet": ..., "text_encoder": ...}`` where the UNet's entry may be per block, e.g.
+    ``{"down": 0.5, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (``block_weights``); what is not named
+    keeps 1.0. ``text_encoder_weights`` sets the text encoders' strength apart (ComfyUI's
+    strength_model / strength_clip). Nothing is changed on an error.
     """
     names = _check_known(pipe, adapter_names)
     components = list(_components(pipe))
@@ -285,11 +277,10 @@ def enable_loha(pipe) -> None:
 
 def enable_loha_weight_cache(pipe, max_bytes: int | None = None, leave_free: float = 0.2) -> None:
     """Unfused inference keeps each adapted layer's effective weight W + dW (the default): one
-    matmul per layer and call, at the memory of one more copy of the adapted weights, within a
-    budget. ``max_bytes`` caps that memory; without it a layer's copy is made only while
-    ``leave_free`` of the device's memory stays free (on CUDA the free memory when the copy is
-    made, on the CPU the available RAM). Layers past the budget apply their adapters per call
-    (a thin rank-r^2 path beside the base matmul, no copy): the same images, a little slower."""
+    matmul per layer and call, at the memory of one more weight copy, within a budget: at most
+    ``max_bytes``, or else while ``leave_free`` of the device's memory stays free (CUDA: when
+    each copy is made; CPU: available RAM). Layers past it apply their adapters per call (the
+    thin rank-r^2 path, no copy): the same images, a little slower."""
     _set_weight_cache(pipe, CacheBudget(max_bytes, leave_free))
 
 

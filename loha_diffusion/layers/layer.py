@@ -40,7 +40,7 @@ class AdapterLayer(nn.Module):
         self.strengths: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self._revision = 0
-        self._adapters_enabled = True
+        self.adapters_enabled = True
         self.merge_state = MergeState()
         self.weight_cache = WeightCache()
         self._path_choice = paths.PathChoice()
@@ -61,15 +61,6 @@ class AdapterLayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
-
-    @property
-    def adapters_enabled(self) -> bool:
-        return self._adapters_enabled
-
-    @adapters_enabled.setter
-    def adapters_enabled(self, enabled: bool) -> None:
-        self._adapters_enabled = bool(enabled)
-        self.invalidate()
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda(): the cached weight was built on the old device and dtype
@@ -162,6 +153,10 @@ class AdapterLayer(nn.Module):
         if torch.compiler.is_compiling():
             return self._traced_forward(x, *args, **kwargs)
         base = self.base_layer
+        if not self.adapters_enabled:  # switched off: the cache is kept for when they are back on
+            if self.merge_state.adapters:
+                self.unmerge()
+            return base(x, *args, **kwargs)
         grad = torch.is_grad_enabled()
         if not grad:  # the common inference call: one O(1) check, then one op
             entry = self.weight_cache.lookup(self._stamp())
@@ -169,8 +164,8 @@ class AdapterLayer(nn.Module):
                 return base(x, *args, **kwargs)
             if entry is not None and entry is not cache.PER_CALL:
                 return run_base(base, x, *entry)
-        terms = self._enabled_terms()
-        stochastic = self.training and self.adapters_enabled and any(
+        terms = self._live_terms()
+        stochastic = self.training and any(
             self.adapters[n].rank_dropout > 0 or self.adapters[n].module_dropout > 0 for n in self.active_adapters)
         adapters = [t.adapter for t in terms]
         needs_grad = grad and any(a.requires_grad for a in adapters)
