@@ -47,6 +47,15 @@ Memory: "peak extra" is the RSS high-water mark during a stage minus the RSS bef
 
     python bench/load_fuse.py [--reps 5] [--rounds 1] [--skip peft,lycoris] [--json out.json]
     python bench/load_fuse.py --small   # smoke test at reduced UNet width (same 344 modules)
+    python bench/load_fuse.py --small --latent-size 8   # the "medium" UNet at 8x8 latents
+    python bench/load_fuse.py --per-layer   # only: microseconds per layer call, ours vs PEFT LoRA
+
+--per-layer times single layers (Linear 320->320 and a 3x3 Conv2d 320->320, SD1.5's first level)
+at 8x8 latents (batch 2: 64 tokens each), under torch.no_grad in eval mode: the base layer alone,
+our AdapterLayer with the dim-16 LoHa (unfused, cached weight), PEFT's LoRA layer (r=16, unmerged,
+what diffusers runs for a LoRA) and PEFT's LoHa layer. Calls of the four alternate within each
+repetition, so that all see the same machine load; the figure is the median per-call time minus the
+base layer's.
 """
 from __future__ import annotations
 
@@ -88,7 +97,7 @@ FACTOR_STD = 0.05
 IMPLEMENTATIONS = ("loha_diffusion", "peft", "lycoris")
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), sample_size=64, layers_per_block=2,
                  cross_attention_dim=768, attention_head_dim=8)
-LATENT_SHAPE = (2, 4, 32, 32)
+LATENT_SHAPE = [2, 4, 32, 32]  # --latent-size sets the last two
 CONTEXT_SHAPE = (2, 77, 768)
 TIMESTEP = 500
 
@@ -348,6 +357,53 @@ def run_loha_diffusion(path, pipe, snapshot, inputs, args, result, denoise=True)
     result["unload_check"] = dict(snapshot.compare(), original_modules=snapshot.same_modules())
     log(f"  after unload: {result['unload_check']}")
     return out
+
+
+# -- per-layer overhead --------------------------------------------------------------------------
+def per_layer_overhead(reps: int, calls: int = 400) -> dict:
+    """Median microseconds per call of the base layer and of three adapter layers around a copy."""
+    import copy
+
+    from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
+
+    from loha_diffusion.layers import AdapterLayer, AdapterWeights
+
+    figures = {}
+    cases = {"linear": (torch.nn.Linear(320, 320), torch.randn(2, 64, 320)),
+             "conv3x3": (torch.nn.Conv2d(320, 320, 3, padding=1), torch.randn(2, 320, 8, 8))}
+    for kind, (base, x) in cases.items():
+        flat_in = math.prod(base.weight.shape[1:])
+        gen = torch.Generator().manual_seed(0)
+        tensors = {f"hada_w{h}_{s}": torch.randn(*shape, generator=gen) * FACTOR_STD
+                   for h in (1, 2) for s, shape in (("a", (320, RANK)), ("b", (RANK, flat_in)))}
+        ours = AdapterLayer(copy.deepcopy(base))
+        ours.add_adapter("a", AdapterWeights("loha", tensors, ALPHA))
+        layers = {"base": base, "loha_diffusion": ours}
+        for name, config in (("peft_lora", LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"])),
+                             ("peft_loha", LoHaConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]))):
+            holder = torch.nn.Module()
+            holder.layer = copy.deepcopy(base)
+            layers[name] = inject_adapter_in_model(config, holder).layer
+        if isinstance(base, torch.nn.Linear):  # PEFT starts LoRA up at zero: make it a real adapter
+            torch.nn.init.normal_(layers["peft_lora"].lora_B["default"].weight, std=FACTOR_STD)
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.eval()
+                for _ in range(20):
+                    layer(x)
+            for _ in range(reps):
+                for name, layer in layers.items():
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        layer(x)
+                    times[name].append((time.perf_counter() - t0) / calls * 1e6)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        figures[kind] = dict(us_per_call=medians,
+                             overhead_us={n: medians[n] - medians["base"] for n in medians if n != "base"})
+        log(f"  {kind:<8} base {medians['base']:.1f} us/call; overhead: " + ", ".join(
+            f"{n} {v:+.1f} us" for n, v in figures[kind]["overhead_us"].items()))
+    return figures
 
 
 # -- PEFT ----------------------------------------------------------------------------------------
@@ -662,6 +718,10 @@ def main(argv=None) -> int:
                         help="skip comparing UNet outputs across implementations")
     parser.add_argument("--peft-full-init", action="store_true",
                         help="PEFT: initialise adapter tensors before loading (low_cpu_mem_usage=False)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="only time single layer calls (ours vs PEFT LoRA / LoHa unfused) and exit")
+    parser.add_argument("--latent-size", type=int, default=32,
+                        help="latent height and width of the timed UNet forwards (32; SD1.5 at 512 px is 64)")
     parser.add_argument("--small", action="store_true",
                         help="smoke test: UNet channels (64, 128, 256, 256) instead of SD1.5's (320, 640, 1280, 1280)")
     args = parser.parse_args(argv)
@@ -671,6 +731,13 @@ def main(argv=None) -> int:
         parser.error(f"unknown implementation(s) {sorted(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
     warnings.filterwarnings("ignore")
     threads = configure_threads()
+    if args.per_layer:
+        log(f"per-layer overhead at 8x8 latents, {threads} threads, median of {args.reps} x 400 calls:")
+        figures = per_layer_overhead(max(args.reps, 5))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+        return 0
+    LATENT_SHAPE[2:] = [args.latent_size, args.latent_size]
 
     import diffusers  # noqa: F401
     import peft

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from .attach import attach, plan
+from .block_weights import UnetBlocks, describe, layer_strength, resolve
 from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
 from .formats.kohya import KohyaFile, save_kohya
 from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
 from .io import AdapterFileError, load_state_dict
 from .key_table import KeyTable
 from .layers import AdapterLayer
+from .layers.cache import CacheBudget
 from .model import unwrap
 from .naming.keys import COMPONENTS, UNET
 
@@ -36,10 +38,15 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
     return found
 
 
+def _model(module: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, inside a LoHaModel and/or ``torch.compile``'s wrapper."""
+    return unwrap(getattr(module, "_orig_mod", module))
+
+
 def _layers(pipe, component: str | None = None):
     for name, module in _components(pipe).items():
         if component is None or name == component:
-            for path, layer in unwrap(module).named_modules():
+            for path, layer in _model(module).named_modules():
                 if isinstance(layer, AdapterLayer):
                     yield name, path, layer
 
@@ -146,12 +153,20 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     # a local folder is named after the file found in it; a hub repository after the repository
     local = isinstance(located, Mapping) or Path(os.fspath(source)).exists()
     name = _unique_name(pipe, adapter_name, located if local else source)
+    budgets = list({id(layer.weight_cache.budget): layer.weight_cache.budget for _, _, layer in _layers(pipe)}.values())
     attach(placements, table, name)
+    for _, _, layer in _layers(pipe) if len(budgets) == 1 else ():  # new layers join the shared budget
+        if layer.weight_cache.budget is not budgets[0]:
+            layer.set_weight_cache(True, budgets[0])
     return name
 
 
-def get_loha_adapters(pipe, flat: bool = False):
-    """{component: [adapter names]} (or one sorted list with ``flat=True``)."""
+def get_loha_adapters(pipe, flat: bool = False, weights: bool = False):
+    """{component: [adapter names]} (or one sorted list with ``flat=True``); ``weights=True``: the
+    active adapters' strengths, {adapter: {component: strength}} in ``set_loha_adapters``' forms
+    (``set_loha_adapters(list(w), list(w.values()))`` sets them again)."""
+    if weights:
+        return _active_weights(pipe)
     by_component: dict[str, list[str]] = {}
     for component, _, layer in _layers(pipe):
         names = by_component.setdefault(component, [])
@@ -159,6 +174,14 @@ def get_loha_adapters(pipe, flat: bool = False):
     if flat:
         return sorted({n for names in by_component.values() for n in names})
     return by_component
+
+
+def _active_weights(pipe) -> dict[str, dict]:
+    per_layer: dict[str, dict[str, dict[str, float]]] = {}
+    for component, path, layer in _layers(pipe):
+        for name in layer.active_adapters if layer.adapters_enabled else ():
+            per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
+    return describe(per_layer, UnetBlocks.of(_model(_components(pipe)[UNET])))
 
 
 def _check_known(pipe, names) -> list[str]:
@@ -170,31 +193,41 @@ def _check_known(pipe, names) -> list[str]:
     return names
 
 
-def _per_name(values, names, what: str) -> list[float]:
-    if values is None or isinstance(values, (int, float)):
-        return [1.0 if values is None else float(values)] * len(names)
-    values = [float(v) for v in values]
+def _per_name(values, names, what: str) -> list:
+    if values is None or not isinstance(values, (list, tuple)):
+        return [values] * len(names)
     if len(values) != len(names):
         raise ValueError(f"{what} has {len(values)} values for {len(names)} adapters {names}")
-    return values
+    return list(values)
 
 
 def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=None) -> None:
-    """Make ``adapter_names`` the active adapters, with UNet and text-encoder strengths.
+    """Make ``adapter_names`` the active adapters (the others inactive), with their strengths.
 
-    ``weights`` (a number or one per adapter) sets the UNet strength and, unless
-    ``text_encoder_weights`` is given, the text encoders' too (ComfyUI's strength_model /
-    strength_clip). Adapters not named are deactivated.
+    ``weights``: one or one per adapter, in diffusers' ``set_adapters`` forms: a number, or
+    ``{"unet": ..., "text_encoder": ...}`` where the UNet's entry may be per block, e.g.
+    ``{"down": 0.5, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (``block_weights``); what is not named
+    keeps 1.0. ``text_encoder_weights`` sets the text encoders' strength apart (ComfyUI's
+    strength_model / strength_clip). Nothing is changed on an error.
     """
     names = _check_known(pipe, adapter_names)
-    unet_strengths = _per_name(weights, names, "weights")
-    te_strengths = unet_strengths if text_encoder_weights is None else _per_name(
-        text_encoder_weights, names, "text_encoder_weights")
-    for component, _, layer in _layers(pipe):
-        strengths = unet_strengths if component == UNET else te_strengths
-        for name, strength in zip(names, strengths):
-            if name in layer.adapters:
-                layer.set_strength(name, strength)
+    components = list(_components(pipe))
+    blocks = UnetBlocks.of(_model(_components(pipe)[UNET]))
+    te_weights = _per_name(text_encoder_weights, names, "text_encoder_weights")
+    resolved = {name: resolve(weight, components, blocks, None if te is None else float(te))
+                for name, weight, te in zip(names, _per_name(weights, names, "weights"), te_weights)}
+    changes = []
+    for component, path, layer in _layers(pipe):
+        strengths = {n: layer_strength(resolved[n][component], path) for n in names if n in layer.adapters}
+        for name, strength in strengths.items():
+            if name in layer.merged_adapters and strength != layer.strengths[name]:
+                raise RuntimeError(f"adapter {name!r} is fused into {component}.{path} at strength "
+                                   f"{layer.strengths[name]}; unfuse_loha() before changing its strength to "
+                                   f"{strength}. Nothing was changed.")
+        changes.append((layer, strengths))
+    for layer, strengths in changes:
+        for name, strength in strengths.items():
+            layer.set_strength(name, strength)
         layer.set_active(names)
 
 
@@ -242,21 +275,24 @@ def enable_loha(pipe) -> None:
         layer.adapters_enabled = True
 
 
-def enable_loha_weight_cache(pipe) -> None:
+def enable_loha_weight_cache(pipe, max_bytes: int | None = None, leave_free: float = 0.2) -> None:
     """Unfused inference keeps each adapted layer's effective weight W + dW (the default): one
-    matmul per layer and call, at the memory of one more copy of the adapted weights."""
-    _set_weight_cache(pipe, True)
+    matmul per layer and call, at the memory of one more weight copy, within a budget: at most
+    ``max_bytes``, or else while ``leave_free`` of the device's memory stays free (CUDA: when
+    each copy is made; CPU: available RAM). Layers past it apply their adapters per call (the
+    thin rank-r^2 path, no copy): the same images, a little slower."""
+    _set_weight_cache(pipe, CacheBudget(max_bytes, leave_free))
 
 
 def disable_loha_weight_cache(pipe) -> None:
     """Unfused inference without that extra copy: each call applies the adapters again, as a
     thin rank-r^2 path beside the base matmul or a merged weight, whichever costs less."""
-    _set_weight_cache(pipe, False)
+    _set_weight_cache(pipe, CacheBudget(max_bytes=0))
 
 
-def _set_weight_cache(pipe, enabled: bool) -> None:
+def _set_weight_cache(pipe, budget: CacheBudget) -> None:
     for _, _, layer in _layers(pipe):
-        layer.set_weight_cache(enabled)
+        layer.set_weight_cache(True, budget)
 
 
 def delete_loha_adapters(pipe, adapter_names) -> None:
@@ -267,7 +303,7 @@ def delete_loha_adapters(pipe, adapter_names) -> None:
                 layer.delete_adapter(name)
         if not layer.adapters:
             layer.unmerge()
-            unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+            _model(_components(pipe)[component]).set_submodule(path, layer.base_layer)
 
 
 def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
@@ -285,7 +321,8 @@ def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
         elif layer.merged_adapters:
             unfused.extend(n for n in layer.merged_adapters if n not in unfused)
             layer.unmerge()
-        unwrap(_components(pipe)[component]).set_submodule(path, layer.base_layer)
+        layer.invalidate()  # the cached weight's bytes go back to the budget
+        _model(_components(pipe)[component]).set_submodule(path, layer.base_layer)
     if unfused:
         warnings.warn(f"unload_loha_weights took the fused adapters {unfused} out of the weights again; to keep "
                       "them baked in (diffusers' fuse_lora + unload_lora_weights), call "

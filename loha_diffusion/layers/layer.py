@@ -3,8 +3,10 @@
 A forward applies the live adapters by one of the two exact paths of ``paths`` (a thin
 rank-r^2 path beside the base matmul, or one matmul with the merged weight), whichever costs
 less for the shapes of the call. Without gradients and outside training the merged weight is
-cached (``cache``) until an adapter tensor, the base weight, the active set or a strength
-changes, so unfused inference costs one matmul. ``merge`` fuses adapters into the weights
+cached (``cache``, within a memory budget) until an adapter tensor, the base weight, the
+active set or a strength changes, so unfused inference costs one matmul; that a cached weight is
+still valid is checked in O(1) per call. Under ``torch.compile`` the layer runs without the cache
+(``_traced_forward``). ``merge`` fuses adapters into the weights
 (``merge.MergeState`` remembers how to undo it).
 """
 from __future__ import annotations
@@ -13,8 +15,8 @@ import torch
 from torch import nn
 
 from ..fused import run_base
-from . import paths
-from .cache import WeightCache, cache_key
+from . import cache, paths
+from .cache import CacheBudget, WeightCache
 from .merge import MergeSnapshot, MergeState, checked_weight
 from .weights import AdapterWeights, Term
 
@@ -37,6 +39,7 @@ class AdapterLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.strengths: dict[str, float] = {}
         self.active_adapters: list[str] = []
+        self._revision = 0
         self.adapters_enabled = True
         self.merge_state = MergeState()
         self.weight_cache = WeightCache()
@@ -58,6 +61,12 @@ class AdapterLayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda(): the cached weight was built on the old device and dtype
+        result = super()._apply(fn, recurse)
+        self.invalidate()
+        return result
 
     # -- adapter management -----------------------------------------------------------------
     @property
@@ -98,14 +107,16 @@ class AdapterLayer(nn.Module):
         self.strengths[name] = float(strength)
         self.invalidate()
 
-    def set_weight_cache(self, enabled: bool) -> None:
-        """Keep the effective weight between unfused inference calls (see ``cache.WeightCache``)."""
-        self.weight_cache.enabled = enabled
-        self.invalidate()
+    def set_weight_cache(self, enabled: bool, budget: CacheBudget | None = None) -> None:
+        """Keep the effective weight between unfused inference calls (see ``cache``), within
+        ``budget`` (shared by the layers given the same one; default: ``cache.DEFAULT_BUDGET``)."""
+        self.invalidate()  # give the held bytes back to the old budget
+        self.weight_cache.budget = (budget or cache.DEFAULT_BUDGET) if enabled else CacheBudget(max_bytes=0)
 
     def invalidate(self) -> None:
         """Forget what was derived from the adapters: call after changing them behind the
         layer's back (e.g. replacing their tensors)."""
+        self._revision += 1
         self.weight_cache.invalidate()
         self._path_choice.forget()
 
@@ -125,25 +136,80 @@ class AdapterLayer(nn.Module):
                     "meta device; load its weights (LoHaModel.load_adapter_weights) before running the model")
         return self._terms(names)
 
+    def _enabled_terms(self) -> list[Term]:
+        """The live terms; none while the adapters are switched off (fused ones are unfused)."""
+        if self.adapters_enabled:
+            return self._live_terms()
+        if self.merge_state.adapters:
+            self.unmerge()
+        return []
+
     # -- forward -----------------------------------------------------------------------------
+    def _stamp(self) -> tuple:
+        weight = self.base_layer.weight
+        return self._revision, cache.GENERATION.value, self.training, weight._version, weight.data_ptr()
+
     def forward(self, x, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, *args, **kwargs)
         base = self.base_layer
-        if not self.adapters_enabled:
+        if not self.adapters_enabled:  # switched off: the cache is kept for when they are back on
             if self.merge_state.adapters:
                 self.unmerge()
             return base(x, *args, **kwargs)
+        grad = torch.is_grad_enabled()
+        if not grad:  # the common inference call: one O(1) check, then one op
+            entry = self.weight_cache.lookup(self._stamp())
+            if entry is cache.RUN_BASE:
+                return base(x, *args, **kwargs)
+            if entry is not None and entry is not cache.PER_CALL:
+                return run_base(base, x, *entry)
         terms = self._live_terms()
+        stochastic = self.training and any(
+            self.adapters[n].rank_dropout > 0 or self.adapters[n].module_dropout > 0 for n in self.active_adapters)
+        adapters = [t.adapter for t in terms]
+        needs_grad = grad and any(a.requires_grad for a in adapters)
+        if not needs_grad and not stochastic:
+            entry = self._cached_entry(terms)
+            if entry is cache.RUN_BASE:
+                return base(x, *args, **kwargs)
+            if entry is not cache.PER_CALL:
+                return run_base(base, x, *entry)
         if not terms:
             return base(x, *args, **kwargs)
-        adapters = [t.adapter for t in terms]
-        stochastic = self.training and any(a.rank_dropout > 0 or a.module_dropout > 0 for a in adapters)
-        needs_grad = torch.is_grad_enabled() and any(a.requires_grad for a in adapters)
-        if not needs_grad and not stochastic and self.weight_cache.enabled:
-            return run_base(base, x, *self.weight_cache.take(cache_key(base, terms), lambda: self._build(terms)))
         thin = self._path_choice.thin(base, x, terms, needs_grad)
         if paths.fused_route_applies(base, x, adapters):
             return paths.fused_forward(base, x, terms[0], thin, self.training)
         if thin:
+            y = base(x, *args, **kwargs)
+            return y + paths.thin_output(base, x, terms, self.training).to(y.dtype)
+        return run_base(base, x, *paths.effective_params(base, terms, self.training))
+
+    def _cached_entry(self, terms):
+        """The cache's answer for ``terms`` now: built (within the budget) or remembered."""
+        stamp, bias = self._stamp(), self.base_layer.bias
+        watched = [t for term in terms for t in term.adapter.watched_tensors()] + ([] if bias is None else [bias])
+        entry = self.weight_cache.lookup(stamp)
+        if entry is not None:
+            return entry
+        if not terms:
+            self.weight_cache.remember(stamp, watched, cache.RUN_BASE)
+            return cache.RUN_BASE
+        weight = self.base_layer.weight
+        return self.weight_cache.build(stamp, watched, tuple(t.name for t in terms),
+                                       weight.numel() * weight.element_size(), weight.device,
+                                       lambda: self._build(terms))
+
+    def _traced_forward(self, x, *args, **kwargs):
+        """The forward ``torch.compile`` traces: no cache and no remembered path choice (state it
+        would have to mutate); the strengths, active set and fuse state it reads are guarded, so
+        changing them recompiles instead of running a stale graph."""
+        base = self.base_layer
+        terms = self._enabled_terms()
+        if not terms:
+            return base(x, *args, **kwargs)
+        needs_grad = torch.is_grad_enabled() and any(t.adapter.requires_grad for t in terms)
+        if paths.prefers_thin_path(base, x, [t.adapter for t in terms], needs_grad):
             y = base(x, *args, **kwargs)
             return y + paths.thin_output(base, x, terms, self.training).to(y.dtype)
         return run_base(base, x, *paths.effective_params(base, terms, self.training))
@@ -185,7 +251,7 @@ class AdapterLayer(nn.Module):
     def _merge_onto_original(self, names, scale: float, in_place: bool) -> None:
         terms = self._terms(names)
         # unfused inference may already hold exactly this weight: adopt it (no recompute, no new memory)
-        cached = self.weight_cache.weight_for(cache_key(self.base_layer, terms)) if scale == 1.0 else None
+        cached = self.weight_cache.weight_for(self._stamp(), tuple(names)) if scale == 1.0 else None
         self.merge_state.fuse(self.base_layer, terms, scale, in_place, cached_weight=cached)
         self.invalidate()
 

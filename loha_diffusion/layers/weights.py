@@ -9,6 +9,7 @@ from torch import nn
 
 from ..algorithms import Algorithm, get_algorithm
 from ..algorithms.dora import apply_dora
+from . import cache
 
 
 class AdapterWeights(nn.Module):
@@ -63,6 +64,8 @@ class AdapterWeights(nn.Module):
         return get_algorithm(self.algorithm_name)
 
     def refresh_scale(self) -> None:
+        # called after a load or an alpha change: weights cached from the old tensors are stale
+        cache.GENERATION.bump()
         self.scale = self.algorithm.scale(self.params, None if self.alpha is None else float(self.alpha))
 
     @property
@@ -118,8 +121,10 @@ class AdapterWeights(nn.Module):
         off again by subtracting it: fusing such an adapter always keeps the original weight."""
         return self.algorithm.READS_WEIGHT or self.dora_scale is not None
 
-    def versions(self) -> tuple:
-        return tuple(t._version for t in (*self.parameters(), *self.buffers()))
+    def watched_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the change is built from: in-place edits of these bump their versions."""
+        extra = [t for t in (self.alpha, self.dora_scale) if t is not None]
+        return [getattr(holder, leaf) for _, holder, leaf in self._tensor_slots()] + extra
 
     def delta_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """fp32 ``scale`` * dW for the base ``weight``."""
