@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import loha_diffusion  # noqa: F401
-from loha_diffusion.training.data import DreamBoothDataset, Example, collate
+from loha_diffusion.training.buckets import BucketPlan
+from loha_diffusion.training.data import DreamBoothDataset, collate
+from loha_diffusion.training.images import in_memory_records
 from loha_diffusion.training.loop import main
 from loha_diffusion.training.loss import dreambooth_loss, min_snr_weights, snr, training_target
 from tiny_models import tiny_sd15_pipeline
@@ -171,8 +173,8 @@ def test_min_snr_weights_and_v_target_follow_the_formulas():
 def test_prior_preservation_batches_hold_instance_then_class_halves():
     img = Image.new("RGB", (20, 20), (255, 0, 0))
     cls = Image.new("RGB", (20, 20), (0, 0, 255))
-    dataset = DreamBoothDataset([Example(img, "sks")], [Example(cls, "dog"), Example(cls, "dog 2")], 16,
-                                center_crop=True, random_flip=False)
+    dataset = DreamBoothDataset(in_memory_records([(img, "sks")]), in_memory_records([(cls, "dog"), (cls, "dog 2")]),
+                                BucketPlan(16), center_crop=True, random_flip=False)
     assert len(dataset) == 2
     batch = collate([dataset[0], dataset[1]])
     assert batch["captions"] == ["sks", "sks", "dog", "dog 2"] and batch["with_prior"]
