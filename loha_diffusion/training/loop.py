@@ -101,7 +101,8 @@ def train(args, instances) -> int:
     encoder = PromptEncoder(family, base.tokenizers, text_encoders, args.clip_skip)
     if args.cache_text_encoder_outputs:
         captions = [r.caption for r in instances + (classes or [])] + list(args.validation_prompt or []) + [""]
-        encoder = CachedPrompts(encoder, captions, device)
+        # in batches of the training batch size: the same kernels as without the cache
+        encoder = CachedPrompts(encoder, captions, device, args.train_batch_size)
         text_encoders = [None] * len(text_encoders)  # the cache holds all they would compute
         for name in base.text_encoder_names:
             setattr(pipe, name, None)
