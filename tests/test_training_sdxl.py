@@ -59,9 +59,14 @@ def unet_output(pipe, prompt=PROMPT):
 
 def test_sdxl_run_writes_kohyas_sdxl_file_that_the_sdxl_pipeline_applies(sdxl, tmp_path):
     out = tmp_path / "out"
+    classes = tmp_path / "class"
     assert main(sdxl_args(sdxl, out, "--train_text_encoder", "--learning_rate", "1e-3", "--save_peft_format",
                           "--validation_prompt", PROMPT, "--num_validation_images", "1",
-                          "--validation_inference_steps", "2")) == 0
+                          "--validation_inference_steps", "2", "--with_prior_preservation", "--class_prompt",
+                          "a photo of a toy", "--class_data_dir", str(classes), "--num_class_images", "2",
+                          "--class_generation_steps", "2", "--sample_batch_size", "2")) == 0
+    # class images come from the SDXL pipeline at the training resolution
+    assert [Image.open(p).size for p in sorted(classes.glob("*.png"))] == [(16, 16), (16, 16)]
     path = out / "loha.safetensors"
     tensors = load_file(str(path))
     modules = {k.split(".", 1)[0] for k in tensors}
@@ -163,3 +168,37 @@ def test_bucket_steps_that_the_model_cannot_take_are_refused(sdxl, tmp_path, cap
     # tiny SDXL: VAE factor 2 x two UNet downsamplings = multiples of 8
     assert main(sdxl_args(sdxl, tmp_path / "x", "--bucket_reso_steps", "4", "--min_bucket_reso", "8")) == 2
     assert "--bucket_reso_steps 4 is not a multiple of 8" in capsys.readouterr().err
+
+
+def test_the_vae_runs_in_fp32_when_its_config_asks_unless_another_vae_is_given(sdxl, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from loha_diffusion.training.models import load_base_model
+
+    args = SimpleNamespace(pretrained_model_name_or_path=str(sdxl / "model"), revision=None, variant=None,
+                           pretrained_vae_model_name_or_path=None)
+    base = load_base_model(args, torch.bfloat16)
+    assert base.family == "sdxl" and base.pipe.vae.config.force_upcast
+    assert base.pipe.vae.dtype == torch.float32 and base.pipe.unet.dtype == torch.bfloat16
+    fp16_safe = AutoencoderKL.from_pretrained(sdxl / "model" / "vae")
+    fp16_safe.register_to_config(force_upcast=False)
+    fp16_safe.save_pretrained(tmp_path / "vae")
+    args.pretrained_vae_model_name_or_path = str(tmp_path / "vae")
+    assert load_base_model(args, torch.bfloat16).pipe.vae.dtype == torch.bfloat16
+
+
+def test_single_file_checkpoints_are_told_apart_by_their_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from loha_diffusion.training.args import UsageError
+    from loha_diffusion.training.models import source_is_sdxl
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(tmp_path / "xl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)},
+              str(tmp_path / "sd15.safetensors"))
+    assert source_is_sdxl(tmp_path / "xl.safetensors") and not source_is_sdxl(tmp_path / "sd15.safetensors")
+    (tmp_path / "old.ckpt").write_bytes(b"pickle")
+    with pytest.raises(UsageError, match="only .safetensors"):
+        source_is_sdxl(tmp_path / "old.ckpt")
