@@ -20,6 +20,13 @@ Peak step memory is measured per implementation in a fresh subprocess (``--measu
 
     python bench/train_step.py [--rounds 5] [--only loha_diffusion,peft_loha] [--json out.json]
     python bench/train_step.py --unet-channels 320,640,1280,1280   # full-size SD1.5 widths
+    python bench/train_step.py --family sdxl --rounds 3             # SDXL layout, bf16 autocast
+
+``--family sdxl``: an SDXL-layout UNet at full widths (320, 640, 1280; transformer depth
+reduced to (1, 2, 2) to fit a small machine), CLIP-L and CLIP-G-width text encoders (two layers
+each; penultimate states concatenated, CLIP-G's projected pooled output and six time ids as
+added conditioning), frozen weights in bf16 and fp32 adapters under bf16 autocast, as the
+trainer runs with --mixed_precision bf16; LoHa vs PEFT LoHa vs PEFT LoRA (r=8).
 """
 from __future__ import annotations
 
@@ -69,6 +76,9 @@ optimizer_variant = "fused"
 DEFAULT_CHANNELS = (64, 128, 256, 256)  # the geometry the targets are set for
 unet_channels = DEFAULT_CHANNELS
 NAMES = ("loha_diffusion", "peft_loha", "peft_lora", "lycoris_loha", "no_adapter")
+family = "sd15"
+SDXL_NAMES = ("loha_diffusion", "peft_loha", "peft_lora")
+SDXL_LATENT = 32  # 256 px images: the full widths at a size two CPU cores can step
 
 
 @dataclass
@@ -217,6 +227,9 @@ def build_impl(name: str, unet, text_encoder, seed: int) -> Impl:
         impl = BUILDERS[name](unet, text_encoder)
     impl.text_encoder.train()
     impl.unet.train()
+    if family == "sdxl":  # fp32 adapters beside the bf16 frozen weights (diffusers' cast_training_params)
+        for p in impl.params:
+            p.data = p.data.float()
     impl.optimizer = torch.optim.AdamW(impl.params, lr=LR, **OPTIMIZERS[optimizer_variant])
     return impl
 
@@ -232,17 +245,32 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
         _SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                    beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(BATCH, 4, 32, 32, generator=gen)
-    noise = torch.randn(BATCH, 4, 32, 32, generator=gen)
+    size = SDXL_LATENT if family == "sdxl" else 32
+    latents = torch.randn(BATCH, 4, size, size, generator=gen)
+    noise = torch.randn(BATCH, 4, size, size, generator=gen)
     timesteps = torch.randint(0, 1000, (BATCH,), generator=gen)
-    return {"ids": clip_token_ids(BATCH, 77, seed=0), "noisy": _SCHEDULER.add_noise(latents, noise, timesteps),
-            "noise": noise, "timesteps": timesteps}
+    inputs = {"ids": clip_token_ids(BATCH, 77, seed=0), "noisy": _SCHEDULER.add_noise(latents, noise, timesteps),
+              "noise": noise, "timesteps": timesteps}
+    if family == "sdxl":  # (original h, w, crop top, left, target h, w) of 256 px images
+        inputs["time_ids"] = torch.tensor([[8.0 * size, 8.0 * size, 0.0, 0.0, 8.0 * size, 8.0 * size]] * BATCH)
+    return inputs
 
 
 def forward_loss(impl: Impl, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    if family == "sdxl":
+        return forward_loss_sdxl(impl, inputs)
     hidden = impl.text_encoder(inputs["ids"]).last_hidden_state
     pred = impl.unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=hidden).sample
     return F.mse_loss(pred, inputs["noise"]), pred
+
+
+def forward_loss_sdxl(impl: Impl, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoded = impl.text_encoder(inputs["ids"])
+        added = {"text_embeds": encoded.pooled, "time_ids": inputs["time_ids"]}
+        pred = impl.unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=encoded.last_hidden_state,
+                         added_cond_kwargs=added).sample
+    return F.mse_loss(pred.float(), inputs["noise"]), pred.float()
 
 
 def train_step(impl: Impl, inputs) -> float:
@@ -338,7 +366,7 @@ def measure_memory(name: str) -> dict:
     VmHWM cross-check catches the case where it does not.
     """
     threads = configure_threads()
-    unet, text_encoder = build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
+    unet, text_encoder = build_base_models()
     impl = build_impl(name, unet, text_encoder, seed=1)
     inputs = [make_inputs(1000 + i) for i in range(2)]
     release_freed_memory()
@@ -356,12 +384,72 @@ def measure_memory(name: str) -> dict:
 
 def memory_in_subprocess(name: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name, "--optimizer", optimizer_variant,
-           "--unet-channels", ",".join(map(str, unet_channels))]
+           "--unet-channels", ",".join(map(str, unet_channels)), "--family", family]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY_JSON "):
             return json.loads(line[len("MEMORY_JSON "):])
     raise RuntimeError(f"memory subprocess for {name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# -- SDXL layout ----------------------------------------------------------------------------------
+class DualTextEncoder(nn.Module):
+    """SDXL's two text encoders as one module: penultimate hidden states of both, concatenated,
+    and the second encoder's projected pooled output (as StableDiffusionXLPipeline.encode_prompt)."""
+
+    def __init__(self, text_encoder, text_encoder_2):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def forward(self, ids):
+        from types import SimpleNamespace
+
+        first = self.text_encoder(ids, output_hidden_states=True)
+        second = self.text_encoder_2(ids, output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return SimpleNamespace(last_hidden_state=hidden, pooled=second.text_embeds)
+
+
+def build_sdxl_models(seed: int = 0):
+    """SDXL-layout UNet at full widths (transformer depth (1, 2, 2)) and CLIP-L / CLIP-G-width
+    text encoders with two layers each; frozen weights in bf16."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=SDXL_LATENT, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
+            cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 1280, norm_num_groups=32, act_fn="silu",
+            flip_sin_to_cos=True, freq_shift=0)
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=2, num_attention_heads=20,
+            max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    text_encoders = DualTextEncoder(build_clip_l_text_encoder(seed, num_hidden_layers=2), clip_g)
+    return unet.to(torch.bfloat16), text_encoders.to(torch.bfloat16)
+
+
+def build_base_models():
+    if family == "sdxl":
+        return build_sdxl_models()
+    return build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
+
+
+def report_sdxl_targets(ours, ref_loha, ref_lora, memory, targets) -> None:
+    mem = {n: memory.get(n, {}).get("peak_step_mib") for n in ("loha_diffusion", "peft_lora")}
+    for key, label, value, limit in (
+            ("time_vs_peft_loha", "SDXL loha_diffusion / PEFT LoHa", ratio(ours, ref_loha), 0.3),
+            ("time_vs_peft_lora", "SDXL loha_diffusion / PEFT LoRA", ratio(ours, ref_lora), 1.0),
+            ("memory_vs_peft_lora", "SDXL peak memory loha_diffusion / PEFT LoRA",
+             ratio(mem["loha_diffusion"], mem["peft_lora"]), 1.0)):
+        targets[key] = {"value": value, "target_max": limit, "met": None if value is None else value <= limit}
+        verdict = "n/a" if value is None else ("met" if value <= limit else "MISSED")
+        print(f"{label} = {fmt(value, '.2f')} (target <= {limit}) {verdict}")
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -389,10 +477,14 @@ def main(argv=None) -> int:
                              "are set for the default)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="fused",
                         help="AdamW variant used for every implementation (default: fused, as the trainer)")
+    parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                        help="sdxl: SDXL layout at full widths, two text encoders, bf16 autocast, fp32 adapters; "
+                             f"compares {', '.join(SDXL_NAMES)}")
     parser.add_argument("--measure-memory", default=None, metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global optimizer_variant, unet_channels
+    global optimizer_variant, unet_channels, family
     optimizer_variant = args.optimizer
+    family = args.family
     try:
         unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
     except ValueError:
@@ -407,10 +499,11 @@ def main(argv=None) -> int:
         print("MEMORY_JSON " + json.dumps(measure_memory(args.measure_memory)), flush=True)
         return 0
 
-    names = list(NAMES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in NAMES]
+    allowed = SDXL_NAMES if family == "sdxl" else NAMES
+    names = list(allowed) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
     if unknown or not names:
-        parser.error(f"--only: unknown {unknown}; choose from {', '.join(NAMES)}")
+        parser.error(f"--only: unknown {unknown}; choose from {', '.join(allowed)}")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     if args.retries < 0:
@@ -421,7 +514,8 @@ def main(argv=None) -> int:
     import peft
     import transformers
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}; threads {threads}; fp32 CPU")
+          f"peft {peft.__version__}; threads {threads}; "
+          + ("SDXL layout, bf16 weights + fp32 adapters, bf16 autocast, CPU" if family == "sdxl" else "fp32 CPU"))
     # Memory first: each subprocess inherits this process's RSS through exec (see max_rss_mib),
     # which must stay below the child's own footprint, so no models are built here yet.
     memory = {}
@@ -436,7 +530,7 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    base_unet, base_te = build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
+    base_unet, base_te = build_base_models()
     n_unet = sum(p.numel() for p in base_unet.parameters())
     n_te = sum(p.numel() for p in base_te.parameters())
     print(f"base models: UNet {n_unet / 1e6:.2f}M params, text encoder {n_te / 1e6:.2f}M params "
@@ -527,8 +621,9 @@ def main(argv=None) -> int:
                      "trainable_params": impl.n_trainable, "adapted_modules": c["unet"] + c["text_encoder"],
                      "adapted_unet": c["unet"], "adapted_text_encoder": c["text_encoder"], "losses": losses[name]})
 
-    print(f"\nmedian of {args.rounds} rounds, UNet channels {unet_channels}, batch {BATCH}, 32x32 latents, 77 tokens, "
-          f"{threads} threads, fp32, AdamW {optimizer_variant}; load average now {os.getloadavg()[0]:.2f}")
+    layout = "SDXL (320, 640, 1280), bf16 autocast" if family == "sdxl" else f"UNet channels {unet_channels}, fp32"
+    print(f"\nmedian of {args.rounds} rounds, {layout}, batch {BATCH}, 32x32 latents, 77 tokens, "
+          f"{threads} threads, AdamW {optimizer_variant}; load average now {os.getloadavg()[0]:.2f}")
     header = (f"{'implementation':15s} {'s/step':>8s} {'other':>5s} {'/PEFT LoHa':>10s} {'/PEFT LoRA':>10s} "
               f"{'peak MiB':>9s} {'trainable':>11s} {'modules':>8s}")
     print(header)
@@ -551,6 +646,9 @@ def main(argv=None) -> int:
 
     targets = {}
     ours = median.get("loha_diffusion")
+    if ours is not None and family == "sdxl":
+        report_sdxl_targets(ours, ref_loha, ref_lora, memory, targets)
+        ours = None  # the SD1.5 targets below do not apply
     if ours is not None and unet_channels != DEFAULT_CHANNELS:
         print(f"(the targets are set for UNet channels {DEFAULT_CHANNELS}; shown here for reference)")
     if ours is not None:
@@ -565,8 +663,8 @@ def main(argv=None) -> int:
             print(f"{label} = {fmt(value, '.2f')} (target <= {limit}) {verdict}")
 
     if args.json:
-        out = {"config": {"rounds": args.rounds, "threads": threads, "batch": BATCH, "rank": RANK, "alpha": ALPHA,
-                          "lr": LR, "unet_channels": unet_channels, "torch": torch.__version__,
+        out = {"config": {"family": family, "rounds": args.rounds, "threads": threads, "batch": BATCH, "rank": RANK,
+                          "alpha": ALPHA, "lr": LR, "unet_channels": unet_channels, "torch": torch.__version__,
                           "peft": peft.__version__},
                "setup_check": check, "results": rows, "memory": memory, "targets": targets}
         Path(args.json).write_text(json.dumps(out, indent=2))
