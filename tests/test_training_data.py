@@ -195,3 +195,18 @@ def test_flags_that_cannot_go_together_are_refused(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
         parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path),
                     "--instance_prompt", "x", *flags])
+
+
+@pytest.mark.parametrize("family,index,clip_skip,unused", [
+    ("sd1", 0, None, []), ("sd1", 0, 2, [11]), ("sd1", 0, 3, [10, 11]),
+    ("sdxl", 0, None, [11]), ("sdxl", 1, None, []),       # SDXL: penultimate of the first; the second's pooled
+])
+def test_text_encoder_layers_past_the_conditioning_get_no_adapter(family, index, clip_skip, unused):
+    import re
+
+    from loha_diffusion.training.adapters import unused_layers_pattern
+    from loha_diffusion.training.setup import layers_used
+
+    pattern = unused_layers_pattern(12, layers_used(family, index, 12, clip_skip))
+    excluded = [i for i in range(12) if pattern and re.fullmatch(pattern, f"text_model.encoder.layers.{i}.mlp.fc1")]
+    assert excluded == unused

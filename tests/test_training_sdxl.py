@@ -74,6 +74,9 @@ def test_sdxl_run_writes_kohyas_sdxl_file_that_the_sdxl_pipeline_applies(sdxl, t
     assert not any(m.startswith("lora_unet_down_blocks") for m in modules)
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in modules
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in modules
+    # text_encoder's last layer (of two) feeds nothing SDXL uses: no adapter that never learns
+    assert not any(m.startswith("lora_te1_text_model_encoder_layers_1_") for m in modules)
+    assert all(tensors[f"{m}.hada_w2_a"].abs().max() > 0 for m in modules if m.startswith("lora_te"))
     assert all(f"{m}.alpha" in tensors for m in modules)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()

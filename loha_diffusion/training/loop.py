@@ -84,7 +84,7 @@ def train(args, instances) -> int:
         model.requires_grad_(False)
         model.to(device)
 
-    unet_params, te_params, counts = add_adapters(args, unet, text_encoders)
+    unet_params, te_params, counts = add_adapters(args, unet, text_encoders, family)
     groups = [{"params": unet_params, "lr": args.learning_rate}]
     if te_params:
         groups.append({"params": te_params, "lr": args.text_encoder_lr or args.learning_rate})

@@ -4,10 +4,17 @@ from __future__ import annotations
 import torch
 
 from ..model import inject_adapter
-from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config
+from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config, unused_layers_pattern
 
 
-def add_adapters(args, unet, text_encoders: list) -> tuple[list, list, tuple[int, int]]:
+def layers_used(family: str, index: int, num_layers: int, clip_skip: int | None) -> int:
+    """How many of text encoder ``index``'s layers the conditioning goes through."""
+    if family == "sdxl":  # penultimate hidden states; the second encoder's last layer feeds the pooled output
+        return num_layers - 1 if index == 0 else num_layers
+    return num_layers - (clip_skip or 1) + 1
+
+
+def add_adapters(args, unet, text_encoders: list, family: str) -> tuple[list, list, tuple[int, int]]:
     """(UNet adapter parameters, text-encoder adapter parameters, (UNet layers, text-encoder layers)).
 
     Adapters are created in fp32 beside the (possibly half-precision) frozen weights, from
@@ -16,9 +23,11 @@ def add_adapters(args, unet, text_encoders: list) -> tuple[list, list, tuple[int
     unet_targets = inject_adapter(unet, adapter_config(args, unet, UNET_PRESETS[args.preset]))
     te_layers = 0
     if args.train_text_encoder:
-        for text_encoder in text_encoders:  # SDXL: both, with the same --text_encoder_lr
+        for index, text_encoder in enumerate(text_encoders):  # SDXL: both, with the same --text_encoder_lr
+            total = text_encoder.config.num_hidden_layers
+            exclude = unused_layers_pattern(total, layers_used(family, index, total, args.clip_skip))
             te_layers += len(inject_adapter(text_encoder, adapter_config(args, text_encoder,
-                                                                         TEXT_ENCODER_PRESETS[args.preset])))
+                                                                         TEXT_ENCODER_PRESETS[args.preset], exclude)))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
