@@ -78,7 +78,7 @@ unet_channels = DEFAULT_CHANNELS
 NAMES = ("loha_diffusion", "peft_loha", "peft_lora", "lycoris_loha", "no_adapter")
 family = "sd15"
 SDXL_NAMES = ("loha_diffusion", "peft_loha", "peft_lora")
-SDXL_LATENT = 32  # 256 px images: the full widths at a size two CPU cores can step
+sdxl_latent = 32  # 256 px images: the full widths at a size two CPU cores can step (--sdxl-latent)
 
 
 @dataclass
@@ -245,7 +245,7 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
         _SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                    beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(seed)
-    size = SDXL_LATENT if family == "sdxl" else 32
+    size = sdxl_latent if family == "sdxl" else 32
     latents = torch.randn(BATCH, 4, size, size, generator=gen)
     noise = torch.randn(BATCH, 4, size, size, generator=gen)
     timesteps = torch.randint(0, 1000, (BATCH,), generator=gen)
@@ -395,7 +395,7 @@ def measure_memory(name: str) -> dict:
 
 def memory_in_subprocess(name: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name, "--optimizer", optimizer_variant,
-           "--unet-channels", ",".join(map(str, unet_channels)), "--family", family]
+           "--unet-channels", ",".join(map(str, unet_channels)), "--family", family, "--sdxl-latent", str(sdxl_latent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY_JSON "):
@@ -437,7 +437,7 @@ def build_sdxl_models(seed: int = 0):
 
     with seeded(seed):
         unet = UNet2DConditionModel(
-            sample_size=SDXL_LATENT, in_channels=4, out_channels=4,
+            sample_size=sdxl_latent, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
@@ -499,11 +499,12 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
                         help="sdxl: SDXL layout at full widths, two text encoders, bf16 autocast, fp32 adapters; "
                              f"compares {', '.join(SDXL_NAMES)}")
+    parser.add_argument("--sdxl-latent", type=int, default=32, help="latent side for --family sdxl (image / 8)")
     parser.add_argument("--measure-memory", default=None, metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global optimizer_variant, unet_channels, family
+    global optimizer_variant, unet_channels, family, sdxl_latent
     optimizer_variant = args.optimizer
-    family = args.family
+    family, sdxl_latent = args.family, args.sdxl_latent
     try:
         unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
     except ValueError:
@@ -641,7 +642,8 @@ def main(argv=None) -> int:
                      "adapted_unet": c["unet"], "adapted_text_encoder": c["text_encoder"], "losses": losses[name]})
 
     layout = "SDXL (320, 640, 1280), bf16 autocast" if family == "sdxl" else f"UNet channels {unet_channels}, fp32"
-    print(f"\nmedian of {args.rounds} rounds, {layout}, batch {BATCH}, 32x32 latents, 77 tokens, "
+    side = sdxl_latent if family == "sdxl" else 32
+    print(f"\nmedian of {args.rounds} rounds, {layout}, batch {BATCH}, {side}x{side} latents, 77 tokens, "
           f"{threads} threads, AdamW {optimizer_variant}; load average now {os.getloadavg()[0]:.2f}")
     header = (f"{'implementation':15s} {'s/step':>8s} {'other':>5s} {'/PEFT LoHa':>10s} {'/PEFT LoRA':>10s} "
               f"{'peak MiB':>9s} {'trainable':>11s} {'modules':>8s}")
