@@ -25,6 +25,14 @@ Peak step memory is measured per implementation in a fresh subprocess (``--measu
     python bench/train_step.py [--rounds 5] [--only loha_diffusion,peft_loha] [--json out.json]
     python bench/train_step.py --unet-channels 320,640,1280,1280   # full-size SD1.5 widths
     python bench/train_step.py --mixed-precision bf16 --unet-channels 320,640,1280,1280   # the targets
+    python bench/train_step.py --family sdxl --rounds 3             # SDXL layout (bf16 by default)
+
+``--family sdxl``: an SDXL-layout UNet at full widths (320, 640, 1280; transformer depth
+reduced to (1, 2, 2) to fit a small machine), CLIP-L and CLIP-G-width text encoders (two layers
+each; penultimate states concatenated, CLIP-G's projected pooled output and six time ids as
+added conditioning), frozen weights in bf16 and fp32 adapters under bf16 autocast unless
+--mixed-precision says otherwise, as the trainer runs with --mixed_precision bf16; LoHa vs PEFT
+LoHa vs PEFT LoRA (r=8).
 """
 from __future__ import annotations
 
@@ -78,10 +86,13 @@ SD15_CHANNELS = (320, 640, 1280, 1280)  # the real one, where the targets are se
 unet_channels = DEFAULT_CHANNELS
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 mixed_precision = "no"
-# Targets (issue "training speed where users train"): mixed precision at SD1.5 widths.
+# Targets (issue "training speed where users train"): bf16 mixed precision, SD1.5 widths and SDXL layout.
 TARGETS = {"time_vs_peft_loha": 0.30, "time_vs_peft_lora": 1.0, "memory_vs_peft_lora": 1.0}
 NAMES = ("loha_diffusion", "peft_loha", "peft_lora", "lycoris_loha", "no_adapter")
 ABLATIONS = ("loha_general",)
+family = "sd15"
+SDXL_NAMES = ("loha_diffusion", "peft_loha", "peft_lora")
+sdxl_latent = 32  # 256 px images: the full widths at a size two CPU cores can step (--sdxl-latent)
 
 
 @dataclass
@@ -262,11 +273,15 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
         _SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                    beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(BATCH, 4, 32, 32, generator=gen)
-    noise = torch.randn(BATCH, 4, 32, 32, generator=gen)
+    size = sdxl_latent if family == "sdxl" else 32
+    latents = torch.randn(BATCH, 4, size, size, generator=gen)
+    noise = torch.randn(BATCH, 4, size, size, generator=gen)
     timesteps = torch.randint(0, 1000, (BATCH,), generator=gen)
-    return {"ids": clip_token_ids(BATCH, 77, seed=0), "noisy": _SCHEDULER.add_noise(latents, noise, timesteps),
-            "noise": noise, "timesteps": timesteps}
+    inputs = {"ids": clip_token_ids(BATCH, 77, seed=0), "noisy": _SCHEDULER.add_noise(latents, noise, timesteps),
+              "noise": noise, "timesteps": timesteps}
+    if family == "sdxl":  # (original h, w, crop top, left, target h, w) of 256 px images
+        inputs["time_ids"] = torch.tensor([[8.0 * size, 8.0 * size, 0.0, 0.0, 8.0 * size, 8.0 * size]] * BATCH)
+    return inputs
 
 
 @contextlib.contextmanager
@@ -284,8 +299,14 @@ def fused_ops_off():
 
 def forward_loss(impl: Impl, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     with autocast(), (fused_ops_off() if impl.name == "loha_general" else contextlib.nullcontext()):
-        hidden = impl.text_encoder(inputs["ids"]).last_hidden_state
-        pred = impl.unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=hidden).sample
+        if family == "sdxl":
+            encoded = impl.text_encoder(inputs["ids"])
+            added = {"text_embeds": encoded.pooled, "time_ids": inputs["time_ids"]}
+            pred = impl.unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=encoded.last_hidden_state,
+                             added_cond_kwargs=added).sample
+        else:
+            hidden = impl.text_encoder(inputs["ids"]).last_hidden_state
+            pred = impl.unet(inputs["noisy"], inputs["timesteps"], encoder_hidden_states=hidden).sample
     return F.mse_loss(pred.float(), inputs["noise"]), pred
 
 
@@ -342,6 +363,8 @@ def check_same_computation(ours: Impl, peft: Impl, inputs) -> dict:
             if ".adapters.default." in name:
                 path, tensor_name = name.split(".adapters.default.")
                 g_p = peft_grads[(key, path, tensor_name)]
+                if param.grad is None and g_p is None:  # SDXL: text_encoder's last layer feeds nothing
+                    continue
                 err = ((param.grad - g_p).norm() / g_p.norm().clamp_min(1e-30)).item()
                 grad_err = max(grad_err, err)
     for impl in (ours, peft):
@@ -388,7 +411,7 @@ def measure_memory(name: str) -> dict:
     VmHWM cross-check catches the case where it does not.
     """
     threads = configure_threads()
-    unet, text_encoder = build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
+    unet, text_encoder = build_base_models()
     impl = build_impl(name, unet, text_encoder, seed=1)
     inputs = [make_inputs(1000 + i) for i in range(2)]
     release_freed_memory()
@@ -406,12 +429,89 @@ def measure_memory(name: str) -> dict:
 
 def memory_in_subprocess(name: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", name, "--optimizer", optimizer_variant,
-           "--unet-channels", ",".join(map(str, unet_channels)), "--mixed-precision", mixed_precision]
+           "--unet-channels", ",".join(map(str, unet_channels)), "--mixed-precision", mixed_precision,
+           "--family", family, "--sdxl-latent", str(sdxl_latent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY_JSON "):
             return json.loads(line[len("MEMORY_JSON "):])
     raise RuntimeError(f"memory subprocess for {name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# -- SDXL layout ----------------------------------------------------------------------------------
+class DualTextEncoder(nn.Module):
+    """SDXL's two text encoders as one module: penultimate hidden states of both, concatenated,
+    and the second encoder's projected pooled output (as StableDiffusionXLPipeline.encode_prompt)."""
+
+    # PEFT's injection asks transformers for weight-renaming rules of the model it is given,
+    # which reads this attribute of a transformers model: the container has no prefix
+    base_model_prefix = ""
+
+    def __init__(self, text_encoder, text_encoder_2):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    @property
+    def config(self):  # what the report prints (attention implementation)
+        return self.text_encoder.config
+
+    def forward(self, ids):
+        from types import SimpleNamespace
+
+        first = self.text_encoder(ids, output_hidden_states=True)
+        second = self.text_encoder_2(ids, output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return SimpleNamespace(last_hidden_state=hidden, pooled=second.text_embeds)
+
+
+def build_sdxl_models(seed: int = 0):
+    """SDXL-layout UNet at full widths (transformer depth (1, 2, 2)) and CLIP-L / CLIP-G-width
+    text encoders with two layers each; frozen weights in bf16."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=sdxl_latent, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
+            cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 1280, norm_num_groups=32, act_fn="silu",
+            flip_sin_to_cos=True, freq_shift=0)
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=2, num_attention_heads=20,
+            max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    text_encoders = DualTextEncoder(build_clip_l_text_encoder(seed, num_hidden_layers=2), clip_g)
+    return unet.to(torch.bfloat16), text_encoders.to(torch.bfloat16)
+
+
+def build_base_models():
+    if family == "sdxl":
+        return build_sdxl_models()
+    return build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
+
+
+def report_targets(ours, ref_loha, ref_lora, memory) -> dict:
+    """Print and return the ratios the targets are set for (``TARGETS``)."""
+    if mixed_precision == "no" or (family == "sd15" and unet_channels != SD15_CHANNELS):
+        print("(the targets are set for --mixed-precision bf16" + (f" at UNet channels {SD15_CHANNELS}"
+              if family == "sd15" else "") + "; shown here for reference)")
+    prefix = "SDXL " if family == "sdxl" else ""
+    mem = {n: memory.get(n, {}).get("peak_step_mib") for n in ("loha_diffusion", "peft_lora")}
+    targets = {}
+    for key, label, value in (
+            ("time_vs_peft_loha", "loha_diffusion / PEFT LoHa", ratio(ours, ref_loha)),
+            ("time_vs_peft_lora", "loha_diffusion / PEFT LoRA", ratio(ours, ref_lora)),
+            ("memory_vs_peft_lora", "peak memory loha_diffusion / PEFT LoRA",
+             ratio(mem["loha_diffusion"], mem["peft_lora"]))):
+        limit = TARGETS[key]
+        targets[key] = {"value": value, "target_max": limit, "met": None if value is None else value <= limit}
+        verdict = "n/a" if value is None else ("met" if value <= limit else "MISSED")
+        print(f"{prefix}{label} = {fmt(value, '.2f')} (target <= {limit}) {verdict}")
+    return targets
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -440,14 +540,19 @@ def main(argv=None) -> int:
                              "are set for the default)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="fused",
                         help="AdamW variant used for every implementation (default: fused, as the trainer)")
-    parser.add_argument("--mixed-precision", choices=sorted(MIXED_PRECISION), default="no",
-                        help="frozen models in this dtype, adapters fp32, forward under CPU autocast "
-                             "(default: no, fp32 throughout); the targets are set for bf16 at SD1.5 widths")
+    parser.add_argument("--mixed-precision", choices=sorted(MIXED_PRECISION), default=None,
+                        help="frozen models in this dtype, adapters fp32, forward under CPU autocast (default: no "
+                             "for sd15, fp32 throughout; bf16 for sdxl); the targets are set for bf16")
+    parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                        help="sdxl: SDXL layout at full widths, two text encoders, fp32 adapters; "
+                             f"compares {', '.join(SDXL_NAMES)}")
+    parser.add_argument("--sdxl-latent", type=int, default=32, help="latent side for --family sdxl (image / 8)")
     parser.add_argument("--measure-memory", default=None, metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global optimizer_variant, unet_channels, mixed_precision
+    global optimizer_variant, unet_channels, mixed_precision, family, sdxl_latent
     optimizer_variant = args.optimizer
-    mixed_precision = args.mixed_precision
+    family, sdxl_latent = args.family, args.sdxl_latent
+    mixed_precision = args.mixed_precision or ("bf16" if family == "sdxl" else "no")
     try:
         unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
     except ValueError:
@@ -462,10 +567,11 @@ def main(argv=None) -> int:
         print("MEMORY_JSON " + json.dumps(measure_memory(args.measure_memory)), flush=True)
         return 0
 
-    names = list(NAMES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in NAMES + ABLATIONS]
+    allowed = SDXL_NAMES if family == "sdxl" else NAMES
+    names = list(allowed) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed + ABLATIONS]
     if unknown or not names:
-        parser.error(f"--only: unknown {unknown}; choose from {', '.join(NAMES + ABLATIONS)}")
+        parser.error(f"--only: unknown {unknown}; choose from {', '.join(allowed + ABLATIONS)}")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     if args.retries < 0:
@@ -476,7 +582,8 @@ def main(argv=None) -> int:
     import peft
     import transformers
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}; threads {threads}; CPU, {precision_label()}")
+          f"peft {peft.__version__}; threads {threads}; CPU, "
+          + ("SDXL layout, " if family == "sdxl" else "") + precision_label())
     # Memory first: each subprocess inherits this process's RSS through exec (see max_rss_mib),
     # which must stay below the child's own footprint, so no models are built here yet.
     memory = {}
@@ -491,7 +598,7 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    base_unet, base_te = build_sd15_unet(block_out_channels=unet_channels), build_clip_l_text_encoder()
+    base_unet, base_te = build_base_models()
     n_unet = sum(p.numel() for p in base_unet.parameters())
     n_te = sum(p.numel() for p in base_te.parameters())
     print(f"base models: UNet {n_unet / 1e6:.2f}M params, text encoder {n_te / 1e6:.2f}M params "
@@ -582,7 +689,9 @@ def main(argv=None) -> int:
                      "trainable_params": impl.n_trainable, "adapted_modules": c["unet"] + c["text_encoder"],
                      "adapted_unet": c["unet"], "adapted_text_encoder": c["text_encoder"], "losses": losses[name]})
 
-    print(f"\nmedian of {args.rounds} rounds, UNet channels {unet_channels}, batch {BATCH}, 32x32 latents, 77 tokens, "
+    layout = "SDXL (320, 640, 1280)" if family == "sdxl" else f"UNet channels {unet_channels}"
+    side = sdxl_latent if family == "sdxl" else 32
+    print(f"\nmedian of {args.rounds} rounds, {layout}, batch {BATCH}, {side}x{side} latents, 77 tokens, "
           f"{threads} threads, {precision_label()}, AdamW {optimizer_variant}; load average now "
           f"{os.getloadavg()[0]:.2f}")
     header = (f"{'implementation':15s} {'s/step':>8s} {'other':>5s} {'/PEFT LoHa':>10s} {'/PEFT LoRA':>10s} "
@@ -605,26 +714,12 @@ def main(argv=None) -> int:
               f"{CONTENDED_CORES} cores; with {threads} threads per step that slows steps erratically, so the "
               "medians and ratios are unreliable - rerun on an idle machine (or with OMP_NUM_THREADS=1)")
 
-    targets = {}
     ours = median.get("loha_diffusion")
-    if ours is not None:
-        if mixed_precision == "no" or unet_channels != SD15_CHANNELS:
-            print(f"(the targets are set for --mixed-precision bf16 at UNet channels {SD15_CHANNELS}; "
-                  "shown here for reference)")
-        mem = {n: memory.get(n, {}).get("peak_step_mib") for n in ("loha_diffusion", "peft_lora")}
-        for key, label, value in (
-                ("time_vs_peft_loha", "loha_diffusion / PEFT LoHa", ratio(ours, ref_loha)),
-                ("time_vs_peft_lora", "loha_diffusion / PEFT LoRA", ratio(ours, ref_lora)),
-                ("memory_vs_peft_lora", "peak memory loha_diffusion / PEFT LoRA",
-                 ratio(mem["loha_diffusion"], mem["peft_lora"]))):
-            limit = TARGETS[key]
-            targets[key] = {"value": value, "target_max": limit, "met": None if value is None else value <= limit}
-            verdict = "n/a" if value is None else ("met" if value <= limit else "MISSED")
-            print(f"{label} = {fmt(value, '.2f')} (target <= {limit}) {verdict}")
+    targets = {} if ours is None else report_targets(ours, ref_loha, ref_lora, memory)
 
     if args.json:
-        out = {"config": {"rounds": args.rounds, "threads": threads, "batch": BATCH, "rank": RANK, "alpha": ALPHA,
-                          "lr": LR, "unet_channels": unet_channels, "mixed_precision": mixed_precision,
+        out = {"config": {"family": family, "rounds": args.rounds, "threads": threads, "batch": BATCH, "rank": RANK,
+                          "alpha": ALPHA, "lr": LR, "unet_channels": unet_channels, "mixed_precision": mixed_precision,
                           "torch": torch.__version__,
                           "peft": peft.__version__},
                "setup_check": check, "results": rows, "memory": memory, "targets": targets}

@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import loha_diffusion  # noqa: F401
-from loha_diffusion.training.data import DreamBoothDataset, Example, collate
+from loha_diffusion.training.buckets import BucketPlan
+from loha_diffusion.training.data import DreamBoothDataset, collate
+from loha_diffusion.training.images import in_memory_records
 from loha_diffusion.training.loop import main
 from loha_diffusion.training.loss import dreambooth_loss, min_snr_weights, snr, training_target
 from tiny_models import tiny_sd15_pipeline
@@ -171,8 +173,8 @@ def test_min_snr_weights_and_v_target_follow_the_formulas():
 def test_prior_preservation_batches_hold_instance_then_class_halves():
     img = Image.new("RGB", (20, 20), (255, 0, 0))
     cls = Image.new("RGB", (20, 20), (0, 0, 255))
-    dataset = DreamBoothDataset([Example(img, "sks")], [Example(cls, "dog"), Example(cls, "dog 2")], 16,
-                                center_crop=True, random_flip=False)
+    dataset = DreamBoothDataset(in_memory_records([(img, "sks")]), in_memory_records([(cls, "dog"), (cls, "dog 2")]),
+                                BucketPlan(16), center_crop=True, random_flip=False)
     assert len(dataset) == 2
     batch = collate([dataset[0], dataset[1]])
     assert batch["captions"] == ["sks", "sks", "dog", "dog 2"] and batch["with_prior"]
@@ -184,7 +186,7 @@ def test_prior_preservation_batches_hold_instance_then_class_halves():
 
 def test_two_processes_write_one_file(setup, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                str(REPO / "train_scripts" / "train_loha_sd.py"),
                *train_args(setup, out, "--repeats", "2", "--checkpointing_steps", "1", "--train_text_encoder", steps=2)]
@@ -193,6 +195,12 @@ def test_two_processes_write_one_file(setup, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["loha.safetensors"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert result.stdout.count("Saved the adapter") == 1
+
+
+def subprocess_env(**extra):
+    """The script imports loha_diffusion from this checkout, not from wherever it is installed."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def cli_command(setup, out, *extra, steps=3):
@@ -205,7 +213,7 @@ def test_bf16_mixed_precision_keeps_adapters_fp32_and_learns(setup, tmp_path):
     out = tmp_path / "bf16"
     result = subprocess.run(cli_command(setup, out, "--mixed_precision", "bf16", "--train_text_encoder",
                                         "--learning_rate", "2e-3", "--save_precision", "fp32", steps=20),
-                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+                            capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="2"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     tensors = load_file(str(out / "loha.safetensors"))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
@@ -258,7 +266,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(setup, tmp_path):
 
     out = tmp_path / "term"
     proc = subprocess.Popen(cli_command(setup, out, "--checkpointing_steps", "100000", steps=100000),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(OMP_NUM_THREADS="1"))
     seen = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), b"")), daemon=True)
     reader.start()

@@ -23,12 +23,15 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_loha_sd.py",
-        description="DreamBooth-style LoHa / LoRA / LoKr training for Stable Diffusion 1.x/2.x. "
+        description="DreamBooth-style LoHa / LoRA / LoKr training for Stable Diffusion 1.x/2.x and SDXL "
+                    "(the family is read from the model). "
                     "With no flags it trains the embedded demo (a purple star on a small shapes model).")
     add = p.add_argument
     # model and data
     add("--pretrained_model_name_or_path", default=None,
         help="diffusers folder, hub id, or single-file .safetensors checkpoint (default: the embedded demo model)")
+    add("--pretrained_vae_model_name_or_path", default=None,
+        help="a VAE to use instead of the model's (e.g. an fp16-safe SDXL VAE); folder or hub id")
     add("--revision", default=None)
     add("--variant", default=None)
     add("--instance_data_dir", default=None, help="folder of instance images (optional .txt caption per image)")
@@ -38,9 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image_column", default="image")
     add("--caption_column", default=None)
     add("--repeats", type=int, default=1, help="how many times to repeat the instance images per epoch")
-    add("--resolution", type=int, default=512)
+    add("--resolution", type=int, default=None, help="default: 1024 for SDXL, 768 for SD2-v, else 512")
     add("--center_crop", action="store_true")
     add("--random_flip", action="store_true")
+    # aspect-ratio buckets and caches (kohya sd-scripts' flags)
+    add("--enable_bucket", action="store_true",
+        help="aspect-ratio buckets of about resolution^2 pixels; each batch comes from one bucket")
+    add("--min_bucket_reso", type=int, default=256)
+    add("--max_bucket_reso", type=int, default=1024)
+    add("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
+    add("--bucket_no_upscale", action="store_true", help="small images keep their size (bucket rounded down)")
+    add("--cache_latents", action="store_true", help="encode every image with the VAE once, before training")
+    add("--cache_latents_to_disk", action="store_true",
+        help="keep the cached latents beside the images, so the next run skips encoding (implies --cache_latents)")
+    add("--cache_text_encoder_outputs", action="store_true",
+        help="encode every caption once, then free the text encoders (not with --train_text_encoder)")
     # prior preservation
     add("--with_prior_preservation", action="store_true")
     add("--class_data_dir", default=None)
@@ -206,8 +221,9 @@ def validate(args) -> None:
             problems.append("--with_prior_preservation needs --class_prompt")
     elif args.class_data_dir is not None or args.class_prompt is not None:
         problems.append("--class_data_dir / --class_prompt are used only with --with_prior_preservation")
-    for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "repeats",
+                 "bucket_reso_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.conv_rank is not None and args.conv_rank < 1:
         problems.append(f"--conv_rank must be at least 1, got {args.conv_rank}")
@@ -224,7 +240,31 @@ def validate(args) -> None:
         problems.append(f"--clip_skip counts from 1 (kohya meaning: 1 = last layer), got {args.clip_skip}")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint folder")
+    problems += cache_and_bucket_problems(args)
     if args.report_to not in ("tensorboard", "none"):
         problems.append(f"--report_to must be tensorboard or none, got {args.report_to!r}")
     if problems:
         raise UsageError("invalid training setup:\n  - " + "\n  - ".join(problems))
+
+
+def cache_and_bucket_problems(args) -> list[str]:
+    problems = []
+    args.cache_latents = args.cache_latents or args.cache_latents_to_disk
+    if args.cache_latents and not args.center_crop:
+        problems.append("--cache_latents stores one crop per image, but random crops change every epoch: add "
+                        "--center_crop (with --enable_bucket the crop is at most --bucket_reso_steps pixels)")
+    if args.cache_text_encoder_outputs and args.train_text_encoder:
+        problems.append("--cache_text_encoder_outputs needs frozen text encoders, but --train_text_encoder trains "
+                        "them; drop one of the two")
+    if args.bucket_no_upscale and not args.enable_bucket:
+        problems.append("--bucket_no_upscale applies only with --enable_bucket")
+    if args.enable_bucket and args.bucket_reso_steps >= 1:
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            value = getattr(args, name)
+            if value < args.bucket_reso_steps or value % args.bucket_reso_steps:
+                problems.append(f"--{name} {value} must be a positive multiple of --bucket_reso_steps "
+                                f"{args.bucket_reso_steps}")
+        if args.min_bucket_reso > args.max_bucket_reso:
+            problems.append(f"--min_bucket_reso {args.min_bucket_reso} is above --max_bucket_reso "
+                            f"{args.max_bucket_reso}")
+    return problems

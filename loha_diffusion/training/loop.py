@@ -1,92 +1,47 @@
-"""The training loop: data first, then models, adapters, optimiser, steps, checkpoints, output."""
+"""The training loop: data first, then models, adapters, caches, optimiser, steps, checkpoints, output."""
 from __future__ import annotations
 
 import datetime
-import functools
+import gc
 import logging
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from ..model import adapters_disabled, inject_adapter
-from .adapters import TEXT_ENCODER_PRESETS, UNET_PRESETS, adapter_config
+from ..model import adapters_disabled
 from .args import UsageError, parse_args
+from .buckets import BucketBatchSampler, BucketPlan
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import (
-    DreamBoothDataset,
-    EpochSampler,
-    class_prompts,
-    collate,
-    ensure_class_images,
-    load_folder,
-    load_hf_dataset,
-)
+from .data import DreamBoothDataset, class_prompts, collate, ensure_class_images
 from .demo import demo_samples, report_demo_scores
-from .loss import dreambooth_loss, min_snr_weights, snr, training_target
+from .images import scan_folder, scan_hf_dataset
+from .latent_cache import build_latent_cache
+from .models import apply_family_defaults, check_bucket_steps, load_base_model
 from .output import write_outputs
-from .text import encode, tokenize
+from .runtime import StopRequest, make_optimizer, refuse_parameter_sharding
+from .setup import add_adapters
+from .step import StepModels, micro_step_loss
+from .text import CachedPrompts, PromptEncoder
 from .validation import generate, save_before_after, save_grid
 
 logger = logging.getLogger("loha_diffusion.train")
 
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        logger.warning("received %s: saving a checkpoint after this step, then stopping",
-                       signal.Signals(signum).name)
-
-
-def load_pipeline(args, dtype):
-    from diffusers import StableDiffusionPipeline
-
-    source = args.pretrained_model_name_or_path
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    if str(source).endswith((".safetensors", ".ckpt")) and Path(source).is_file():
-        return StableDiffusionPipeline.from_single_file(source, **kwargs)
-    return StableDiffusionPipeline.from_pretrained(source, revision=args.revision, variant=args.variant, **kwargs)
-
-
-def refuse_parameter_sharding(accelerator) -> None:
-    """FSDP and DeepSpeed ZeRO-3 split every parameter across processes. The adapter tensors
-    are a few MB and the frozen model is only read, so sharding saves little here, and the
-    checkpoints, validation images and the final file are all made from whole parameters on the
-    main process. Multi-GPU DDP and ZeRO stages 1-2 (optimizer state sharded, parameters whole)
-    keep all of that working."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin is not None
-                                       and plugin.zero_stage == 3):
-        raise UsageError(f"{'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'} shards the parameters, "
-                         "which this trainer does not support; launch with --multi_gpu (DDP) or a DeepSpeed config "
-                         "with zero_stage 1 or 2 instead")
+__all__ = ["main", "train", "refuse_parameter_sharding"]
 
 
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args = parse_args(argv)
-        # data before models: a bad folder fails in a second, not after loading gigabytes
+        # data before models: a bad folder fails in seconds, not after loading gigabytes
         if args.dataset_name:
-            instances = load_hf_dataset(args.dataset_name, args.dataset_config_name, args.image_column,
+            instances = scan_hf_dataset(args.dataset_name, args.dataset_config_name, args.image_column,
                                         args.caption_column, args.instance_prompt)
         else:
-            instances = load_folder(args.instance_data_dir, args.instance_prompt, "instance")
+            instances = scan_folder(args.instance_data_dir, args.instance_prompt, "instance")
         return train(args, instances)
     except UsageError as exc:
         print(f"train_loha_sd.py: error: {exc}", file=sys.stderr)
@@ -113,52 +68,50 @@ def train(args, instances) -> int:
     refuse_parameter_sharding(accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     started = datetime.datetime.now(datetime.timezone.utc)
+    device = accelerator.device
 
-    pipe = load_pipeline(args, weight_dtype)
+    base = load_base_model(args, weight_dtype)
+    apply_family_defaults(args, base.family, base.prediction_type)
+    check_bucket_steps(args, base.pipe)
+    pipe, family = base.pipe, base.family
     classes = None
     if args.with_prior_preservation:
         ensure_class_images(args, accelerator, pipe)
-        classes = load_folder(args.class_data_dir, class_prompts(args.class_prompt)[0], "class")
-    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        classes = scan_folder(args.class_data_dir, class_prompts(args.class_prompt)[0], "class")
+    vae, unet, text_encoders = pipe.vae, pipe.unet, list(base.text_encoders)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    for model in (vae, text_encoder, unet):
+    for model in (vae, unet, *text_encoders):
         model.requires_grad_(False)
-        model.to(accelerator.device)
+        model.to(device)
 
-    # adapters are created in fp32 beside the (possibly half-precision) frozen weights, from
-    # --seed: the same flags give the same run
-    torch.manual_seed(args.seed)
-    unet_targets = inject_adapter(unet, adapter_config(args, unet, UNET_PRESETS[args.preset]))
-    te_targets = []
-    if args.train_text_encoder:
-        te_targets = inject_adapter(text_encoder, adapter_config(args, text_encoder, TEXT_ENCODER_PRESETS[args.preset]))
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    unet_params = [p for p in unet.parameters() if p.requires_grad]
-    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    unet_params, te_params, counts = add_adapters(args, unet, text_encoders, family)
     groups = [{"params": unet_params, "lr": args.learning_rate}]
     if te_params:
         groups.append({"params": te_params, "lr": args.text_encoder_lr or args.learning_rate})
-    # One fused kernel for all adapter tensors: a LoHa has four per layer, and the per-tensor
-    # loop of the default AdamW costs several times the fused update on CPU as on GPU.
-    optimizer_class = functools.partial(torch.optim.AdamW, fused=True)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_class = bnb.optim.AdamW8bit
-    optimizer = optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, groups)
 
-    dataset = DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
-                                args.repeats, args.seed)
-    sampler = EpochSampler(len(dataset), args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=args.dataloader_num_workers)
+    plan = BucketPlan(args.resolution, args.enable_bucket, args.min_bucket_reso, args.max_bucket_reso,
+                      args.bucket_reso_steps, args.bucket_no_upscale)
+    dataset = DreamBoothDataset(instances, classes, plan, args.center_crop, args.random_flip, args.repeats, args.seed)
+    if args.enable_bucket:
+        sizes = sorted(set(dataset.bucket_of_index()))
+        logger.info("%d bucket(s) in use: %s", len(sizes), ", ".join(f"{w}x{h}" for w, h in sizes))
+    if args.cache_latents:
+        cache_latents(args, accelerator, dataset, vae, output_dir)
+    encoder = PromptEncoder(family, base.tokenizers, text_encoders, args.clip_skip)
+    if args.cache_text_encoder_outputs:
+        captions = [r.caption for r in instances + (classes or [])] + list(args.validation_prompt or []) + [""]
+        # in batches of the training batch size: the same kernels as without the cache
+        encoder = CachedPrompts(encoder, captions, device, args.train_batch_size)
+        text_encoders = [None] * len(text_encoders)  # the cache holds all they would compute
+        for name in base.text_encoder_names:
+            setattr(pipe, name, None)
+        base.text_encoders = []
+        free_memory()
+
+    sampler = BucketBatchSampler(dataset.bucket_of_index(), args.train_batch_size, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers)
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     epochs = math.ceil(max_steps / updates_per_epoch)
@@ -168,8 +121,9 @@ def train(args, instances) -> int:
                                  num_cycles=args.lr_num_cycles)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     if args.train_text_encoder:  # DDP refuses a module with nothing to train
-        text_encoder = accelerator.prepare(text_encoder)
-    trained = {"unet": unet, "text_encoder": text_encoder}
+        text_encoders = [accelerator.prepare(te) for te in text_encoders]
+        encoder.text_encoders = text_encoders
+    trained = {"unet": unet, **{n: te for n, te in zip(base.text_encoder_names, text_encoders) if te is not None}}
 
     counters = {"global_step": 0, "micro_step": 0, "epoch": 0, "batches_done_in_epoch": 0}
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -183,16 +137,21 @@ def train(args, instances) -> int:
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("loha_diffusion", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
-    logger.info("%d UNet and %d text-encoder layers adapted (%s, rank %d); %d trainable parameters; %d steps",
-                len(unet_targets), len(te_targets), args.algo, args.rank,
+    logger.info("%s: %d UNet and %d text-encoder layers adapted (%s, rank %d); %d trainable parameters; %d steps",
+                family, counts[0], counts[1], args.algo, args.rank,
                 sum(p.numel() for p in unet_params + te_params), max_steps)
 
     stop = StopRequest()
     progress = tqdm(total=max_steps, initial=counters["global_step"], disable=not accelerator.is_local_main_process,
                     desc="steps")
     history = []
-    scaling = vae.config.scaling_factor
     unwrapped = {k: accelerator.unwrap_model(m) for k, m in trained.items()}
+    components = {"vae": vae, "unet": unwrapped["unet"], "tokenizer": base.tokenizers[0]}
+    for i, name in enumerate(base.text_encoder_names):
+        components[name] = unwrapped.get(name, text_encoders[i])
+        if i:
+            components[f"tokenizer_{i + 1}"] = base.tokenizers[i]
+    step_models = StepModels(family, unet, vae, noise_scheduler, encoder, weight_dtype)
 
     def diverged(what: str) -> int:
         logger.error("%s at step %d (lr %.3g): stopping without saving this state; the last good checkpoint is "
@@ -209,10 +168,10 @@ def train(args, instances) -> int:
         accelerator.wait_for_everyone()
 
     def images_for(prompt, count=None, guidance=None):
-        return generate(vae, unwrapped["text_encoder"], tokenizer, unwrapped["unet"], noise_scheduler.config, prompt,
+        return generate(components, family, encoder, noise_scheduler.config, prompt,
                         count or args.num_validation_images, args.seed, args.validation_inference_steps,
                         args.validation_guidance_scale if guidance is None else guidance, args.resolution,
-                        args.clip_skip, accelerator.device)
+                        device, base.force_zeros_for_empty_prompt)
 
     def validate(step):
         """One grid per validation prompt (a row each), saved and logged."""
@@ -234,8 +193,11 @@ def train(args, instances) -> int:
             before = [images_for(prompt) for prompt in args.validation_prompt]
             demo_before = demo_samples(images_for) if args.demo else None
 
+    trainable_params = unet_params + te_params
     unet.train()
-    text_encoder.train(args.train_text_encoder)
+    for te in text_encoders:
+        if te is not None:
+            te.train(args.train_text_encoder)
     finished = counters["global_step"] >= max_steps
     while not finished and counters["epoch"] < epochs:
         epoch = counters["epoch"]
@@ -244,44 +206,26 @@ def train(args, instances) -> int:
         batches = accelerator.skip_first_batches(loader, counters["batches_done_in_epoch"]) \
             if counters["batches_done_in_epoch"] else loader
         for batch in batches:
-            with accelerator.accumulate(unet, text_encoder):
+            with accelerator.accumulate(*trained.values()):
                 # every random draw of a micro-step comes from its own seed: resumes are exact
                 step_seed = (args.seed * 1_000_003 + counters["micro_step"]) * 101 + accelerator.process_index
                 torch.manual_seed(step_seed)
-                generator = torch.Generator(device=accelerator.device).manual_seed(step_seed)
-                pixels = batch["pixels"].to(accelerator.device, weight_dtype)
-                latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
-                noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                if args.noise_offset:
-                    noise = noise + args.noise_offset * torch.randn(
-                        (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator, device=latents.device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                ids = tokenize(tokenizer, batch["captions"]).to(accelerator.device)
-                hidden = encode(text_encoder, ids, args.clip_skip)
-                pred = unet(noisy, timesteps, hidden.to(weight_dtype)).sample
-                target = training_target(noise_scheduler, latents, noise, timesteps)
-                weights = None
-                if args.snr_gamma is not None:
-                    weights = min_snr_weights(snr(noise_scheduler.alphas_cumprod, timesteps), args.snr_gamma,
-                                              prediction_type)
-                loss, instance_loss, prior_loss = dreambooth_loss(pred, target, weights, batch["with_prior"],
-                                                                  args.prior_loss_weight)
-                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=accelerator.device),
+                generator = torch.Generator(device=device).manual_seed(step_seed)
+                loss, instance_loss, prior_loss = micro_step_loss(batch, step_models, args, generator, device)
+                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=device),
                                          reduction="sum")
                 if bad.item() > 0:
                     return diverged("the loss became NaN/inf")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(unet_params + te_params, args.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 # an update can overflow while the loss that led to it was finite: never go on
                 # (or checkpoint) from weights that are not
                 if accelerator.sync_gradients and not torch.isfinite(torch.stack(
-                        [torch.linalg.vector_norm(p.detach(), float("inf")) for p in unet_params + te_params])).all():
+                        [torch.linalg.vector_norm(p.detach(), float("inf")) for p in trainable_params])).all():
                     return diverged("the adapter weights became NaN/inf")
             counters["micro_step"] += 1
             counters["batches_done_in_epoch"] += 1
@@ -321,13 +265,42 @@ def train(args, instances) -> int:
         if args.demo:
             report_demo_scores(demo_before, demo_samples(images_for), output_dir / "demo_scores.json",
                                args.demo_assets)
-        paths = write_outputs(args, unwrapped, history, sample, started, counters["global_step"], len(instances),
-                              len(classes or []), prediction_type)
+        paths = write_outputs(args, unwrapped, family, history, sample, started, counters["global_step"],
+                              len(instances), len(classes or []), base.prediction_type)
+        pipeline_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
         print(f"\nSaved the adapter to {paths['adapter']}\nLoad it with:\n"
               f"    import loha_diffusion\n"
-              f"    from diffusers import StableDiffusionPipeline\n"
-              f"    pipe = StableDiffusionPipeline.from_pretrained({str(args.pretrained_model_name_or_path)!r})\n"
+              f"    from diffusers import {pipeline_class}\n"
+              f"    pipe = {pipeline_class}.from_pretrained({str(args.pretrained_model_name_or_path)!r})\n"
               f"    pipe.load_loha_weights({str(paths['adapter'])!r})\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def cache_latents(args, accelerator, dataset, vae, output_dir) -> None:
+    """Encode every sample once (the main process first when the cache is on disk, so the others
+    read its files), then move the VAE off the accelerator until validation needs it."""
+    def latent_shape(bucket):
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return 2 * vae.config.latent_channels, bucket[1] // factor, bucket[0] // factor
+
+    def build():
+        return build_latent_cache(dataset, vae, accelerator.device, args.random_flip, args.cache_latents_to_disk,
+                                  output_dir / "latent_cache", accelerator.is_local_main_process, latent_shape)
+
+    if args.cache_latents_to_disk and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        dataset.use_latent_cache(build())
+    else:
+        dataset.use_latent_cache(build())
+        if args.cache_latents_to_disk:
+            accelerator.wait_for_everyone()
+    vae.to("cpu")
+    free_memory()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

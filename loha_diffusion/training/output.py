@@ -6,7 +6,6 @@ import datetime
 import json
 from pathlib import Path
 
-from ..family import family_of_components
 from ..formats.kohya import NetworkInfo, save_kohya
 from ..formats.peft import write_peft_folder
 from .plot import plot_losses
@@ -28,17 +27,20 @@ def training_metadata(args, steps, n_instance, n_class, started) -> dict[str, st
         "ss_resolution": f"({args.resolution}, {args.resolution})", "ss_batch_size_per_device": args.train_batch_size,
         "ss_sd_model_name": Path(str(args.pretrained_model_name_or_path)).name,
         "ss_training_started_at": started.timestamp(), "ss_training_finished_at": now.timestamp(),
+        "ss_enable_bucket": args.enable_bucket, "ss_min_bucket_reso": args.min_bucket_reso,
+        "ss_max_bucket_reso": args.max_bucket_reso, "ss_bucket_no_upscale": args.bucket_no_upscale,
+        "ss_cache_latents": args.cache_latents, "ss_flip_aug": args.random_flip,
         "ss_network_dropout": None, "ss_training_comment": "trained with loha_diffusion",
     }
     return {k: "None" if v is None else str(v) for k, v in fields.items()}
 
 
-def write_outputs(args, models: dict, history, sample_image, started, steps, n_instance, n_class,
+def write_outputs(args, models: dict, family: str, history, sample_image, started, steps, n_instance, n_class,
                   prediction_type) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    components = {"unet": models["unet"], "text_encoder": models["text_encoder"]}
-    family = family_of_components(components)
+    # the trained modules: the UNet and the text encoders present (SDXL: text_encoder and text_encoder_2)
+    components = dict(models)
     # what was asked for, not what the modules hold most often (conv layers may have their own rank)
     network = NetworkInfo(args.algo, args.rank, args.alpha, {
         "preset": args.preset, "conv_dim": args.conv_rank or args.rank,
@@ -49,7 +51,7 @@ def write_outputs(args, models: dict, history, sample_image, started, steps, n_i
                                    save_dtype=args.save_precision, family=family, network=network,
                                    v_prediction=prediction_type == "v_prediction", title=args.output_name,
                                    metadata=training_metadata(args, steps, n_instance, n_class, started))}
-    if args.save_peft_format:
+    if args.save_peft_format:  # one subfolder per trained component: unet/, text_encoder/(, text_encoder_2/)
         paths["peft"] = write_peft_folder(components, "default", output_dir / "peft")
     (output_dir / "loss_history.json").write_text(json.dumps(history))
     paths["loss_plot"] = plot_losses(history, output_dir / "loss.png")
@@ -63,6 +65,7 @@ def model_card(args, summary, steps, n_instance, n_class, sample_image, file_nam
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
     sample = f"\n![validation sample]({Path(sample_image).relative_to(args.output_dir)})\n" if sample_image else ""
     final_loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
+    pipeline_class = "StableDiffusionXLPipeline" if summary["family"] == "sdxl" else "StableDiffusionPipeline"
     return f"""---
 tags: [stable-diffusion, lycoris, {args.algo}, loha_diffusion]
 base_model: {args.pretrained_model_name_or_path}
@@ -78,6 +81,8 @@ Instance prompt: `{args.instance_prompt}`.
 
 ```python
 import loha_diffusion
+from diffusers import {pipeline_class}
+pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}")
 pipe.load_loha_weights("{file_name}")
 ```
 

@@ -1,39 +1,53 @@
-"""Validation images with a fixed seed, from the modules being trained (adapters unfused)."""
+"""Validation images with a fixed seed, from the modules being trained (adapters unfused),
+through the family's own diffusers pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from .text import encode, tokenize
-
 
 @torch.no_grad()
-def generate(vae, text_encoder, tokenizer, unet, scheduler_config, prompt: str, num_images: int, seed: int,
-             steps: int, guidance_scale: float, resolution: int, clip_skip: int | None, device) -> list:
-    """PIL images for ``prompt``; prompt embeddings are computed here so clip-skip means the
-    same as in training (diffusers' pipelines count clip_skip from 0)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def generate(models: dict, family: str, prompts, scheduler_config, prompt: str, num_images: int, seed: int,
+             steps: int, guidance_scale: float, resolution: int, device, force_zeros_for_empty_prompt: bool = False):
+    """PIL images for ``prompt``. ``models`` holds the pipeline components (text encoders may be
+    None once their outputs are cached); prompt embeddings come from ``prompts``, the encoder
+    training uses, so clip-skip and cached captions mean the same here."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    was_training = (unet.training, text_encoder.training)
-    unet.eval()
-    text_encoder.eval()
+    trainable = [m for m in (models["unet"], *[models.get(k) for k in ("text_encoder", "text_encoder_2")])
+                 if m is not None]
+    was_training = [m.training for m in trainable]
+    vae_device = next(models["vae"].parameters()).device
+    for module in trainable:
+        module.eval()
+    models["vae"].to(device)  # it may wait on the CPU while latents are cached
     try:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
+        hidden, pooled = prompts([prompt, ""], device)
+        dtype = next(models["unet"].parameters()).dtype
+        embeds = {"prompt_embeds": hidden[:1].to(dtype).expand(num_images, -1, -1),
+                  "negative_prompt_embeds": hidden[1:].to(dtype).expand(num_images, -1, -1)}
+        if family == "sdxl":
+            pipe = StableDiffusionXLPipeline(scheduler=scheduler, add_watermarker=False,
+                                             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, **models)
+            negative_pooled = pooled[1:]
+            if force_zeros_for_empty_prompt:  # what the pipeline does for an empty negative prompt
+                embeds["negative_prompt_embeds"] = torch.zeros_like(embeds["negative_prompt_embeds"])
+                negative_pooled = torch.zeros_like(negative_pooled)
+            embeds.update(pooled_prompt_embeds=pooled[:1].to(dtype).expand(num_images, -1),
+                          negative_pooled_prompt_embeds=negative_pooled.to(dtype).expand(num_images, -1))
+        else:
+            pipe = StableDiffusionPipeline(scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False, **models)
         pipe.set_progress_bar_config(disable=True)
-        ids = tokenize(tokenizer, [prompt, ""]).to(device)
-        embeds = encode(text_encoder, ids, clip_skip)
-        dtype = next(unet.parameters()).dtype
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        images = pipe(prompt_embeds=embeds[:1].to(dtype).expand(num_images, -1, -1),
-                      negative_prompt_embeds=embeds[1:].to(dtype).expand(num_images, -1, -1),
-                      num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
+        images = pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
                       width=resolution, generator=generator).images
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        models["vae"].to(vae_device)
+        for module, mode in zip(trainable, was_training):
+            module.train(mode)
     return images
 
 
