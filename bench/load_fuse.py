@@ -694,9 +694,10 @@ def report(fig: dict) -> None:
           + ("" if peft_drift is None else f"   [PEFT unmerge max abs drift {peft_drift:.3g}]"))
     o = overhead.get("loha_diffusion")
     targets["unfused_overhead_pct"] = o
-    print(f"unfused inference overhead loha_diffusion = {fmt(o, 1)}% (target <= 10%); "
+    # the inference issue's target: at most 5% on the medium UNet (--small) at tiny latents
+    print(f"unfused inference overhead loha_diffusion = {fmt(o, 2)}% (target <= 5%); "
           f"PEFT {fmt(overhead.get('peft'), 1)}%, LyCORIS {fmt(overhead.get('lycoris'), 1)}%"
-          + ("" if o is None else ("  MET" if o <= 10 else "  MISSED")))
+          + ("" if o is None else ("  MET" if o <= 5 else "  MISSED")))
     fig["targets"] = targets
     fig["overhead_pct"] = overhead
 
