@@ -12,32 +12,18 @@ from pathlib import Path
 
 from .convert import convert
 from .family import detect_family
-from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
-from .formats.kohya import KohyaFile
-from .formats.peft import PeftFolder, is_peft_folder
-from .io import AdapterFileError, load_state_dict
+from .io import AdapterFileError
 from .naming.keys import PREFIX_OWNERS
 from .naming.kohya import detect_unet_naming
-
-
-def _read_any_layout(path: Path, allow_pickle: bool) -> tuple[str, KohyaFile]:
-    """(layout, the adapter under Kohya-style names) of a Kohya/LyCORIS or diffusers LoRA file or
-    a PEFT pipeline folder, every key kept (unknown ones listed) and non-finite values allowed."""
-    if is_peft_folder(path):
-        layout, peft, metadata = "PEFT pipeline folder", PeftFolder.read(path), {}
-    else:
-        tensors, metadata = load_state_dict(path, allow_pickle=allow_pickle)
-        if not is_diffusers_lora(tensors):
-            return "Kohya/LyCORIS", KohyaFile.from_tensors(tensors, metadata, str(path), allow_unknown_keys=True,
-                                                           allow_non_finite=True)
-        layout, peft = "diffusers LoRA", read_diffusers_lora(tensors, metadata, str(path))
-    return layout, KohyaFile.from_tensors(peft.kohya_style_tensors(), metadata, str(path), allow_unknown_keys=True,
-                                          allow_non_finite=True)
+from .sources import read_source
 
 
 def inspect_file(path, allow_pickle: bool = False) -> dict:
-    """What a file holds: layout, family, algorithms, per-prefix module counts, ranks, alphas, metadata."""
-    layout, adapter = _read_any_layout(Path(path), allow_pickle)
+    """What a file holds: layout, family, algorithms, per-prefix module counts, ranks, alphas, metadata.
+    Every key is kept (unknown ones listed) and non-finite values are reported, not refused."""
+    source = read_source(Path(path), allow_pickle)
+    layout = source.layout
+    adapter = source.kohya_file(allow_unknown_keys=True, allow_non_finite=True)
     tensors, metadata, modules = adapter.tensors, adapter.metadata, adapter.modules
     names = list(modules)
     tags = Counter(m.algorithm.NAME + ("+dora" if m.dora_scale is not None else "") for m in modules.values())

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from .attach import attach, plan
 from .family import detect_family, family_of_components
-from .formats.diffusers import is_diffusers_lora, read_diffusers_lora, write_diffusers_lora
+from .formats.diffusers import write_diffusers_lora
 from .formats.in_memory import as_lora
-from .formats.kohya import KohyaFile, save_kohya, training_fields
-from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
-from .io import AdapterFileError, load_state_dict
+from .formats.kohya import save_kohya, training_fields
+from .formats.peft import write_peft_folder
+from .io import AdapterFileError
 from .key_table import KeyTable
 from .naming.keys import SD1_OR_SD2
 from .skeletons import components_from_folder, skeleton_components
+from .sources import read_source
 
 ADAPTER = "converted"
 TARGETS = ("kohya", "peft", "diffusers")
@@ -29,16 +30,10 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
                        allow_unknown_keys: bool = False, progress: bool = False) -> tuple[dict, str, dict]:
     """(components holding the adapter ``converted``, family, source metadata)."""
     source = Path(source)
-    peft = PeftFolder.read(source) if is_peft_folder(source) else None
-    kohya = None
-    if peft is None:
-        tensors, metadata = load_state_dict(source, allow_pickle=allow_pickle)
-        if is_diffusers_lora(tensors):
-            peft = read_diffusers_lora(tensors, metadata, str(source))
-        else:
-            kohya = KohyaFile.from_tensors(tensors, metadata, str(source), allow_unknown_keys=allow_unknown_keys)
+    read = read_source(source, allow_pickle=allow_pickle)
+    kohya = None if read.peft else read.kohya_file(allow_unknown_keys=allow_unknown_keys)
     if family is None and base_model is None:
-        family = peft.family() if peft else detect_family(kohya.metadata, kohya.tensors, kohya.modules)
+        family = read.peft.family() if read.peft else detect_family(kohya.metadata, kohya.tensors, kohya.modules)
         if family == SD1_OR_SD2:  # the names alone cannot pick one of the two skeletons
             family = None
     if base_model is not None:
@@ -49,9 +44,8 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
     else:
         components = skeleton_components(family)
     table = KeyTable(**components)
-    if peft:
-        kohya = KohyaFile.from_tensors(peft.kohya_tensors(table), {}, str(source),
-                                       allow_unknown_keys=allow_unknown_keys)
+    if read.peft:
+        kohya = read.kohya_file(table, allow_unknown_keys=allow_unknown_keys)
     attach(plan(kohya.modules, table, kohya.source, kohya.metadata, progress=progress), table, ADAPTER)
     return components, family_of_components(components), kohya.metadata
 

@@ -16,17 +16,14 @@ import torch
 
 from .attach import attach, plan
 from .block_weights import UnetBlocks, describe, layer_strength, resolve
-from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
-from .formats.kohya import KohyaFile, save_kohya
-from .formats.peft import PeftFolder, is_peft_folder, write_peft_folder
-from .io import AdapterFileError, load_state_dict
+from .formats.kohya import save_kohya
+from .formats.peft import write_peft_folder
 from .key_table import KeyTable
 from .layers import AdapterLayer
 from .layers.cache import CacheBudget
 from .model import unwrap
 from .naming.keys import COMPONENTS, UNET
-
-ADAPTER_SUFFIXES = (".safetensors",)
+from .sources import locate, read_for_table
 
 
 def _components(pipe) -> dict[str, torch.nn.Module]:
@@ -51,45 +48,6 @@ def _layers(pipe, component: str | None = None):
                     yield name, path, layer
 
 
-def _find_adapter_file(folder: Path, weight_name: str | None) -> Path:
-    if weight_name is not None:
-        candidate = folder / weight_name
-        if not candidate.is_file():
-            raise AdapterFileError(f"{folder} has no file {weight_name!r}")
-        return candidate
-    files = sorted(p for p in folder.iterdir() if p.suffix in ADAPTER_SUFFIXES)
-    if len(files) != 1:
-        found = ", ".join(p.name for p in files) or "none"
-        raise AdapterFileError(f"{folder}: expected a PEFT adapter folder (adapter_config.json, or unet/, "
-                               "text_encoder/... subfolders holding one) or exactly one .safetensors adapter "
-                               f"file, found {found}; pass weight_name= to pick one file")
-    return files[0]
-
-
-def _locate(source, weight_name, hub_kwargs) -> Mapping | Path:
-    """The state dict itself, or the adapter file that a file, folder or hub repository id names."""
-    if isinstance(source, Mapping):
-        return source
-    path = Path(os.fspath(source))
-    if path.is_dir():
-        if weight_name is None and (is_peft_folder(path) or (path / "adapter_config.json").is_file()):
-            return path
-        path = _find_adapter_file(path, weight_name)
-    elif not path.exists():
-        if str(source).count("/") != 1 or str(source).startswith((".", "/")):
-            raise AdapterFileError(f"{source}: no such file or folder (and not a hub repository id 'owner/name')")
-        from huggingface_hub import hf_hub_download, list_repo_files
-
-        if weight_name is None:
-            files = [f for f in list_repo_files(str(source), **hub_kwargs) if f.endswith(ADAPTER_SUFFIXES)]
-            if len(files) != 1:
-                raise AdapterFileError(f"hub repository {source} holds {len(files)} .safetensors files "
-                                       f"({files[:5]}); pass weight_name= to pick one")
-            weight_name = files[0]
-        path = Path(hf_hub_download(str(source), weight_name, **hub_kwargs))
-    return path
-
-
 def _unique_name(pipe, wanted: str | None, source) -> str:
     existing = set(get_loha_adapters(pipe, flat=True))
     if wanted is not None:
@@ -102,31 +60,6 @@ def _unique_name(pipe, wanted: str | None, source) -> str:
         n += 1
         name = f"{stem}_{n}"
     return name
-
-
-def _read(located, table, component, allow_pickle, allow_unknown_keys) -> KohyaFile:
-    """Any layout we or diffusers write, as a Kohya file of ``table``'s module names."""
-    peft = None
-    folder = isinstance(located, Path) and located.is_dir()
-    if component is not None and not (folder and not is_peft_folder(located)):
-        raise ValueError(f"component={component!r} only applies to a PEFT adapter folder of one component "
-                         "(adapter_config.json beside adapter_model.safetensors); the keys of "
-                         f"{located if isinstance(located, Path) else 'the given state dict'} already name "
-                         "their components: drop component=")
-    if folder:
-        peft = PeftFolder.read(located) if is_peft_folder(located) else PeftFolder.read_component(
-            located, table, component)
-        metadata, source = {}, str(located)
-    else:
-        if isinstance(located, Mapping):
-            tensors, metadata, source = dict(located), {}, "the given state dict"
-        else:
-            tensors, metadata = load_state_dict(located, allow_pickle=allow_pickle)
-            source = str(located)
-        if not is_diffusers_lora(tensors):
-            return KohyaFile.from_tensors(tensors, metadata, source, allow_unknown_keys=allow_unknown_keys)
-        peft = read_diffusers_lora(tensors, metadata, source)
-    return KohyaFile.from_tensors(peft.kohya_tensors(table), metadata, source, allow_unknown_keys=allow_unknown_keys)
 
 
 def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
@@ -145,9 +78,9 @@ def load_loha_weights(pipe, pretrained_model_name_or_path_or_dict, adapter_name:
     trained with ``hada_t1`` in both halves. Nothing is changed if anything does not fit.
     """
     source = pretrained_model_name_or_path_or_dict
-    located = _locate(source, weight_name, hub_kwargs)
+    located = locate(source, weight_name, hub_kwargs)
     table = KeyTable.from_pipeline(pipe)
-    adapter = _read(located, table, component, allow_pickle, allow_unknown_keys)
+    adapter = read_for_table(located, table, component, allow_pickle, allow_unknown_keys)
     placements = plan(adapter.modules, table, adapter.source, adapter.metadata, dora_semantics=dora_semantics,
                       legacy_tucker=legacy_tucker)
     # a local folder is named after the file found in it; a hub repository after the repository
