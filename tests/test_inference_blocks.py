@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import loha_diffusion  # noqa: F401  (attaches the pipeline methods)
 from adapter_files import UNET_TARGETS, make_file_tensors, reference_delta
 from loha_diffusion.layers import AdapterLayer
-from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from tiny_models import run_tiny_pipeline
 
 PROMPT = "a photo of sks dog"
 # resnets, down/upsamplers and transformers: every kind of layer a block entry reaches
@@ -30,16 +30,6 @@ SDXL_WEIGHTS = {"unet": {"down": 0.3, "mid": [0.0], "up": {"block_0": [1.0, 0.2,
 
 def image(pipe):
     return run_tiny_pipeline(pipe, PROMPT, steps=1)
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl"))
 
 
 def lora_file(pipe, tmp_path, sdxl=False):

@@ -16,7 +16,7 @@ from adapter_files import make_file_tensors
 from formulas import apply_layer, loha_delta
 from loha_diffusion.layers import AdapterLayer, AdapterWeights
 from loha_diffusion.layers import cache as weight_cache
-from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline
+from tiny_models import run_tiny_pipeline
 
 
 def loha_layer(requires_grad=False):
@@ -121,11 +121,6 @@ def test_an_out_of_memory_build_falls_back_to_the_per_call_path(monkeypatch):
         out = layer(x)
     torch.testing.assert_close(out.double(), expected(layer, x), rtol=1e-5, atol=1e-5)
     assert layer.weight_cache.params is None and layer.weight_cache.budget.used == 0
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
 
 
 def adapter_layers(pipe):

@@ -16,14 +16,9 @@ from adapter_files import make_file_tensors, merged_reference
 from loha_diffusion.convert import convert
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
-from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from tiny_models import run_tiny_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo of sks dog"
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
 
 
 @pytest.fixture

@@ -13,17 +13,12 @@ from formulas import loha_delta, lokr_delta
 from loha_diffusion.cli import main as cli
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
-from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline
+from tiny_models import run_tiny_pipeline
 
 PROMPT = "a photo"
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 K = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
 CONV = "down_blocks.0.resnets.0.conv1"
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
 
 
 @pytest.fixture

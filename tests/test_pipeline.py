@@ -19,11 +19,6 @@ from tiny_models import run_tiny_pipeline, tiny_sd15_pipeline, tiny_sdxl_pipelin
 PROMPT = "a photo of sks dog"
 
 
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
-
-
 @pytest.fixture
 def pipe(sd15):
     return copy.deepcopy(sd15)

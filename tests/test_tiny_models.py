@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
@@ -12,19 +11,8 @@ from tiny_models import (
     TINY_MAX_POSITION_EMBEDDINGS,
     run_tiny_pipeline,
     tiny_sd15_pipeline,
-    tiny_sdxl_pipeline,
     write_tiny_clip_tokenizer,
 )
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl"))
 
 
 def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
