@@ -25,7 +25,6 @@ from .state_dict import ModuleTensors
 @dataclass
 class Placement:
     target: Target
-    name: str
     weights: AdapterWeights
 
 
@@ -113,7 +112,7 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
         if overflow is not None:
             problems.append(overflow)
             continue
-        placements.append(Placement(target, name, weights))
+        placements.append(Placement(target, weights))
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise AdapterFileError(f"{source} does not fit this pipeline; nothing was changed:\n  - "
