@@ -14,7 +14,7 @@ from torch import nn
 from .algorithms.dora import dora_axis
 from .family import detect_family
 from .io import AdapterFileError
-from .key_table import KeyTable
+from .key_table import KeyTable, Stacked
 from .layers import LOADABLE_LAYERS, AdapterLayer, AdapterWeights
 from .layers.merge import checked_weight
 from .layers.weights import Term
@@ -40,9 +40,9 @@ def _inpaint_padding(target: Target, base: nn.Module, module: ModuleTensors) -> 
     return 4 if module.algorithm.check_shapes(module.tensors, narrow) is None else None
 
 
-def _adapter_weights(module: ModuleTensors, source_in_channels: int | None, options: dict) -> AdapterWeights:
+def _adapter_weights(module: ModuleTensors, options: dict, **layout) -> AdapterWeights:
     weights = AdapterWeights(module.algorithm.NAME, module.tensors, module.alpha, dora_scale=module.dora_scale,
-                             source_in_channels=source_in_channels, **options)
+                             **layout, **options)
     return weights.requires_grad_(False)
 
 
@@ -62,6 +62,64 @@ def _overflow_problem(name: str, target: Target, base: nn.Module, weights: Adapt
         return (f"{name} -> {target.component}.{target.path}: its finite tensors multiply out to a weight "
                 f"change that overflows {base.weight.dtype} (absurd alpha or factor values)")
     return None
+
+
+def _place(name: str, module: ModuleTensors, target: Target, table: KeyTable, options: dict,
+           **layout) -> Placement | str:
+    """The adapter of ``module`` on ``target``, or why it cannot go there."""
+    base = _base(table.modules[target])
+    if not isinstance(base, LOADABLE_LAYERS) or getattr(base, "weight", None) is None:
+        return f"{name}: {target.component}.{target.path} is a {type(base).__name__}, which adapters cannot patch"
+    shape = tuple(base.weight.shape)
+    if not layout:  # a stacked module's shapes were checked whole
+        error = module.algorithm.check_shapes(module.tensors, shape)
+        if error is not None:
+            padding = _inpaint_padding(target, base, module)
+            if padding is None:
+                return f"{name} -> {target.component}.{target.path} {shape}: {error}"
+            layout = {"source_in_channels": padding}
+    if module.dora_scale is not None:
+        try:
+            dora_axis(module.dora_scale, shape)
+        except ValueError as exc:
+            return f"{name}.dora_scale: {exc}"
+    weights = _adapter_weights(module, options, **layout)
+    return _overflow_problem(name, target, base, weights) or Placement(target, weights)
+
+
+def _place_stacked(name: str, module: ModuleTensors, stacked: Stacked, table: KeyTable,
+                   options: dict) -> list[Placement | str]:
+    """One module of a DiT's original tree on the layers it stacks (``key_table.Stacked``): each
+    layer gets the rows of the delta that are its own, as tensors of the same algorithm where
+    they split that way (LoRA, LoHa: the up factors' rows; aligned LoKr; full), else as the
+    whole module with the rows to take from its delta."""
+    bases = [_base(table.modules[part.target]) for part in stacked.parts]
+    if not all(isinstance(b, LOADABLE_LAYERS) and getattr(b, "weight", None) is not None for b in bases):
+        return [f"{name}: the layers it stacks are not all patchable"]
+    shape = (stacked.out_features, *bases[0].weight.shape[1:])
+    layers = ", ".join(part.target.path for part in stacked.parts)
+    error = module.algorithm.check_shapes(module.tensors, shape)
+    if error is not None:
+        return [f"{name} -> {layers} stacked {shape}: {error}"]
+    if module.dora_scale is not None and dora_axis(module.dora_scale, shape) != "output":
+        return [f"{name}: its dora_scale runs along the input axis of the stacked weight {shape}, a norm over "
+                f"all of {layers} together, which does not split into those layers"]
+    if module.algorithm.take_rows is None:
+        return [f"{name}: a {module.algorithm.NAME} module on a stacked weight ({layers}) cannot be split"]
+    placed = []
+    for part in stacked.parts:
+        rows = part.rows
+        dora = None if module.dora_scale is None else module.dora_scale.index_select(0, rows)
+        tensors = module.algorithm.take_rows(module.tensors, rows)
+        label = f"{name}[{part.target.path}]"
+        if tensors is None:
+            layout = {"source_rows": rows, "source_out_features": stacked.out_features}
+            tensors = module.tensors
+        else:
+            layout = {}
+        part_module = ModuleTensors(label, module.algorithm, tensors, module.alpha, dora, module.keys)
+        placed.append(_place(label, part_module, part.target, table, options, **layout))
+    return placed
 
 
 def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
@@ -86,33 +144,13 @@ def plan(modules: dict[str, ModuleTensors], table: KeyTable, source: str,
     for target, names in resolution.conflicts.items():
         problems.append(f"{names} all name {target.component}.{target.path}")
     placements = []
-    for name, target in tqdm(resolution.found.items(), desc="modules", unit="module", disable=not progress):
-        module = modules[name]
-        base = _base(table.modules[target])
-        if not isinstance(base, LOADABLE_LAYERS) or getattr(base, "weight", None) is None:
-            problems.append(f"{name}: {target.component}.{target.path} is a {type(base).__name__}, "
-                            "which adapters cannot patch")
-            continue
-        shape = tuple(base.weight.shape)
-        padding = None
-        error = module.algorithm.check_shapes(module.tensors, shape)
-        if error is not None:
-            padding = _inpaint_padding(target, base, module)
-            if padding is None:
-                problems.append(f"{name} -> {target.component}.{target.path} {shape}: {error}")
-                continue
-        if module.dora_scale is not None:
-            try:
-                dora_axis(module.dora_scale, shape)
-            except ValueError as exc:
-                problems.append(f"{name}.dora_scale: {exc}")
-                continue
-        weights = _adapter_weights(module, padding, options)
-        overflow = _overflow_problem(name, target, base, weights)
-        if overflow is not None:
-            problems.append(overflow)
-            continue
-        placements.append(Placement(target, weights))
+    for name, found in tqdm(resolution.found.items(), desc="modules", unit="module", disable=not progress):
+        if isinstance(found, Stacked):
+            placed = _place_stacked(name, modules[name], found, table, options)
+        else:
+            placed = [_place(name, modules[name], found, table, options)]
+        problems.extend(p for p in placed if isinstance(p, str))
+        placements.extend(p for p in placed if isinstance(p, Placement))
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise AdapterFileError(f"{source} does not fit this pipeline; nothing was changed:\n  - "

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .naming.keys import UNET
+from .naming.keys import DENOISERS, UNET
 
 LEVELS = ("down", "mid", "up")
 _LEVEL_PREFIX = {"down": "down_blocks", "up": "up_blocks"}
@@ -147,9 +147,10 @@ def resolve(weight, components: Sequence[str], blocks: UnetBlocks | None,
         unknown = [k for k in weight if k not in components]
         if unknown:
             raise ValueError(f"the strength dict names {unknown}, which this pipeline does not have; valid "
-                             f"components: {list(components)} (per-block strengths go under 'unet')")
+                             f"components: {list(components)} (per-block strengths go under 'unet' on UNet "
+                             "pipelines)")
         per_component = {c: weight.get(c, 1.0) for c in components}
-        named_te = [c for c in weight if c != UNET]
+        named_te = [c for c in weight if c not in DENOISERS]
     else:
         per_component = {c: weight for c in components}
         named_te = []
@@ -157,14 +158,14 @@ def resolve(weight, components: Sequence[str], blocks: UnetBlocks | None,
         if named_te:
             raise ValueError(f"text_encoder_weights= and a strength dict naming {named_te} both set the text "
                              "encoders' strength; pass one of them")
-        per_component.update({c: text_encoder_weight for c in components if c != UNET})
+        per_component.update({c: text_encoder_weight for c in components if c not in DENOISERS})
     resolved = {}
     for component, spec in per_component.items():
         if component == UNET and blocks is not None:
             resolved[component] = expand_unet(spec, blocks)
         elif isinstance(spec, Mapping):
             raise ValueError(f"{component} takes one strength (a number), got {spec!r}; per-block strengths "
-                             "apply to the unet")
+                             "apply to a UNet (a DiT transformer takes one number)")
         else:
             resolved[component] = _number(spec, f"{component} strength")
     return resolved

@@ -1,4 +1,5 @@
-"""Which model family (sd1 / sd2 / sdxl) an adapter file was made for, or live components are.
+"""Which model family (sd1 / sd2 / sdxl / flux / sd3) an adapter file was made for, or live
+components are.
 
 One detector for files, :func:`detect_family`, with one precedence:
 
@@ -8,8 +9,9 @@ One detector for files, :func:`detect_family`, with one precedence:
 2. tensor shapes: the input width of a UNet cross-attention key adapter is the text
    encoder's width (768 SD1, 1024 SD2, 2048 SDXL); exact, but only when the file adapts
    ``attn2.to_k``;
-3. module names: the UNet layout and the text encoder prefixes (docs/formats.md 1.6, 5 edge
-   case 2); they tell SDXL from the others only, hence "sd1/sd2".
+3. module names: the DiT block names (Flux ``double_blocks`` / ``single_transformer_blocks``,
+   SD3 ``joint_blocks``), the UNet layout and the text encoder prefixes (docs/formats.md 1.6,
+   5 edge case 2); among UNets they tell SDXL from the others only, hence "sd1/sd2".
 
 Each source answers only when it is sure, so a later one fills in where an earlier one is
 silent; they never vote.
@@ -19,7 +21,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from .naming.keys import SD1_OR_SD2, TE1_PREFIX, TE2_PREFIX, TE_PREFIX, TEXT_ENCODER_2, UNET
+from .naming.dit import dit_family
+from .naming.keys import (
+    LYCORIS_PREFIX,
+    SD1_OR_SD2,
+    TE1_PREFIX,
+    TE2_PREFIX,
+    TE_PREFIX,
+    TEXT_ENCODER_2,
+    TRANSFORMER,
+    TRANSFORMER_PREFIX,
+    UNET,
+    UNET_PREFIX,
+)
 from .naming.kohya import unet_body
 from .naming.sgm import config_value
 
@@ -35,6 +49,16 @@ _CROSS_ATTENTION_KEY_INPUT = re.compile(r"attn2[._]to_k\.(lora_down\.weight|lora
 _SDXL_UNET = re.compile(
     r"transformer_blocks_[1-9]|^up_blocks_0_attentions|^add_embedding|^label_emb_0"
     r"|^output_blocks_[0-2]_1_(?!conv)|^output_blocks_2_2_conv")
+# DiT blocks in the original (BFL, SAI) and diffusers trees; diffusers' SD3 and Flux double blocks
+# share ``transformer_blocks`` and their attention names, so those alone say nothing
+_FLUX = re.compile(r"^(double_blocks|single_blocks|single_transformer_blocks)_\d|^(img_in|txt_in|guidance_in_)"
+                   r"|^time_text_embed_guidance_embedder")
+_SD3 = re.compile(r"^joint_blocks_\d|^(x_embedder_proj|pos_embed_proj|t_embedder_mlp|y_embedder_mlp)$"
+                  r"|^transformer_blocks_\d+_attn2_to_")
+# top-level modules of either DiT that no UNet has at top level
+_ANY_DIT = re.compile(r"^(transformer_blocks_\d|context_embedder|x_embedder|norm_out_linear|proj_out|time_text_embed_)")
+_DIT_PREFIXES = (UNET_PREFIX, LYCORIS_PREFIX, TRANSFORMER_PREFIX)
+_EITHER_DIT = "flux/sd3"
 _SD12_UNET = re.compile(
     r"^(down|up)_blocks_3_|^down_blocks_0_attentions|^up_blocks_3_attentions"
     r"|^(input|output)_blocks_(9|10|11)_|^input_blocks_[12]_1_|^output_blocks_[6-8]_1_|^output_blocks_2_1_conv")
@@ -53,6 +77,11 @@ def detect_family(metadata: Mapping[str, str] | None = None, tensors: Mapping | 
 def _from_metadata(metadata: Mapping[str, str]) -> str | None:
     version = metadata.get("ss_base_model_version", "")
     architecture = metadata.get("modelspec.architecture", "")
+    # sd-scripts writes "flux1" / "sd3"; SAI's modelspec "flux-1-dev/lora", "stable-diffusion-3-medium/lora"
+    if version.startswith("flux") or architecture.startswith("flux"):
+        return "flux"
+    if version.startswith("sd3") or architecture.startswith("stable-diffusion-3"):
+        return "sd3"
     if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
         return "sdxl"
     if version.startswith("sd_v2") or metadata.get("ss_v2") == "True" or architecture.startswith("stable-diffusion-v2"):
@@ -76,6 +105,11 @@ def _from_names(names: Iterable[str]) -> str | None:
     Disagreeing hints say nothing."""
     strong, weak = set(), set()
     for name in names:
+        dit = _dit_family_of_name(name)
+        if dit is not None:
+            if dit != _EITHER_DIT:
+                strong.add(dit)
+            continue
         body = unet_body(name)
         if body is not None:
             if _SDXL_UNET.search(body):
@@ -92,13 +126,33 @@ def _from_names(names: Iterable[str]) -> str | None:
     return hints.pop() if len(hints) == 1 else None
 
 
+def _dit_family_of_name(name: str) -> str | None:
+    for prefix in _DIT_PREFIXES:
+        if name.startswith(prefix):
+            body = name[len(prefix):]
+            if _FLUX.search(body):
+                return "flux"
+            if _SD3.search(body):
+                return "sd3"
+            return _EITHER_DIT if _ANY_DIT.search(body) or prefix == TRANSFORMER_PREFIX else None
+    return None
+
+
 def family_of_components(components: Mapping) -> str:
-    """"sdxl", "sd2" or "sd1" of live pipeline components ({attribute name: module}); "sd1/sd2"
-    when there is no UNet config to tell SD1 from SD2.
+    """"flux", "sd3", "sdxl", "sd2" or "sd1" of live pipeline components ({attribute name:
+    module}); "sd1/sd2" when there is no UNet config to tell SD1 from SD2.
 
     SDXL: a second text encoder or the UNet's ``text_time`` added embedding (the refiner has
     one encoder); SD2: 1024-wide cross attention.
     """
+    transformer = components.get(TRANSFORMER)
+    if transformer is not None:
+        family = dit_family(getattr(transformer, "config", {}))
+        if family is None:
+            raise TypeError(f"the pipeline's transformer is a {type(transformer).__name__}; adapters load onto "
+                            "Flux (FluxTransformer2DModel) and SD3 (SD3Transformer2DModel) transformers and "
+                            "Stable Diffusion UNets")
+        return family
     config = getattr(components.get(UNET), "config", None)
     text_time = config is not None and config_value(config, "addition_embed_type") == "text_time"
     if components.get(TEXT_ENCODER_2) is not None or text_time:

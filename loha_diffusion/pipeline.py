@@ -22,17 +22,23 @@ from .key_table import KeyTable
 from .layers import AdapterLayer
 from .layers.cache import CacheBudget
 from .model import unwrap
-from .naming.keys import COMPONENTS, UNET
+from .naming.keys import COMPONENTS, DENOISERS, UNET
 from .sources import locate, read_for_table
 
 
 def _components(pipe) -> dict[str, torch.nn.Module]:
     found = {name: getattr(pipe, name, None) for name in COMPONENTS}
     found = {name: module for name, module in found.items() if module is not None}
-    if UNET not in found:
-        raise TypeError(f"{type(pipe).__name__} has no `unet`; LoHa adapters apply to Stable Diffusion "
-                        "pipelines (a UNet and CLIP text encoders)")
+    if not any(name in found for name in DENOISERS):
+        raise TypeError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer`; adapters load onto "
+                        "Stable Diffusion (UNet), Flux and SD3 (transformer) pipelines")
     return found
+
+
+def _unet_blocks(pipe) -> UnetBlocks | None:
+    """The UNet's block structure for per-block strengths; None on a DiT pipeline."""
+    unet = _components(pipe).get(UNET)
+    return None if unet is None else UnetBlocks.of(_model(unet))
 
 
 def _model(module: torch.nn.Module) -> torch.nn.Module:
@@ -114,7 +120,7 @@ def _active_weights(pipe) -> dict[str, dict]:
     for component, path, layer in _layers(pipe):
         for name in layer.active_adapters if layer.adapters_enabled else ():
             per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
-    return describe(per_layer, UnetBlocks.of(_model(_components(pipe)[UNET])))
+    return describe(per_layer, _unet_blocks(pipe))
 
 
 def _check_known(pipe, names) -> list[str]:
@@ -145,7 +151,7 @@ def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=No
     """
     names = _check_known(pipe, adapter_names)
     components = list(_components(pipe))
-    blocks = UnetBlocks.of(_model(_components(pipe)[UNET]))
+    blocks = _unet_blocks(pipe)
     te_weights = _per_name(text_encoder_weights, names, "text_encoder_weights")
     resolved = {name: resolve(weight, components, blocks, None if te is None else float(te))
                 for name, weight, te in zip(names, _per_name(weights, names, "weights"), te_weights)}

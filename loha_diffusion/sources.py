@@ -1,5 +1,6 @@
 """From what a caller names (a file, a folder, a hub repository id, a state dict) to an adapter
-read in its own layout: Kohya/LyCORIS, diffusers' LoRA files (today's and pre-PEFT), PEFT folders.
+read in its own layout: Kohya/LyCORIS, diffusers' LoRA files (today's and pre-PEFT), PEFT folders,
+ComfyUI/BFL dotted-path DiT files.
 
 The one place that tells the layouts apart, for ``load_loha_weights``, ``convert`` and
 ``inspect`` alike; module paths are resolved against a model only afterwards.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .formats.comfyui import is_dotted_dit, read_dotted_dit
 from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
 from .formats.kohya import KohyaFile
 from .formats.peft import PeftFolder, is_peft_folder
@@ -93,6 +95,9 @@ def read_source(source: Path | Mapping, allow_pickle: bool = False) -> AdapterSo
     if is_diffusers_lora(tensors):
         return AdapterSource(description, "diffusers LoRA", metadata,
                              peft=read_diffusers_lora(tensors, metadata, description))
+    if is_dotted_dit(tensors):
+        return AdapterSource(description, "ComfyUI/BFL dotted paths", metadata,
+                             tensors=read_dotted_dit(tensors, description))
     return AdapterSource(description, "Kohya/LyCORIS", metadata, tensors=tensors)
 
 

@@ -15,8 +15,8 @@ import loha_diffusion.algorithms as algorithms_package
 from loha_diffusion.algorithms import ALGORITHMS, Algorithm, loha
 
 FUNCTIONS = ("detect", "rank", "scale", "delta_weight", "check_shapes")
-CAPABILITIES = (
-    "delta_bias", "delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params")
+CAPABILITIES = ("delta_bias", "delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost",
+                "init_params", "take_rows")
 NAME_TUPLES = ("REQUIRED", "OPTIONAL")
 CONSTANTS = {"NAME": str, "READS_WEIGHT": bool, "TENSOR_DIMS": dict}
 # A capability is only usable with these: the cost model needs the rank and the build cost of a
@@ -29,10 +29,12 @@ NEEDS = {
 }
 # What each algorithm offers; dropping one silently sends layers down a slower path.
 EXPECTED_CAPABILITIES = {
-    "loha": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params"},
-    "lora": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params"},
-    "lokr": {"delta_bound", "init_params"},
-    "full": {"delta_bias", "delta_bound"},
+    "loha": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params",
+             "take_rows"},
+    "lora": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params",
+             "take_rows"},
+    "lokr": {"delta_bound", "init_params", "take_rows"},
+    "full": {"delta_bias", "delta_bound", "take_rows"},
     "norm": {"delta_bias", "delta_bound"},
     "ia3": set(),
 }

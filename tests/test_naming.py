@@ -464,7 +464,7 @@ def test_kohya_name_needs_config_for_sdxl_unet():
     with pytest.raises(ValueError, match="UNet config"):
         kohya.kohya_name("unet", path, "sdxl")
     with pytest.raises(ValueError, match="family"):
-        kohya.kohya_name("unet", path, "sd3")
+        kohya.kohya_name("unet", path, "sd4")
 
 
 # --------------------------------------------------------------------------- PEFT / diffusers

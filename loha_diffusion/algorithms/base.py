@@ -80,6 +80,11 @@ class Algorithm(Protocol):
     """``delta_bound(params, legacy_tucker=False)``: an upper bound of max |dW| (scale not applied)
     read off the tensors without building dW, so that a load can rule out an overflow cheaply.
     None where dW depends on the base weight's values (ia3)."""
+    take_rows: Callable[[Params, torch.Tensor], dict[str, torch.Tensor] | None] | None
+    """``take_rows(params, rows)``: tensors of the same algorithm, alpha and scale whose dW is the
+    given output rows (an index tensor) of this dW, or None where these rows are not of that
+    form (LoKr rows that cut through its blocks). How one original module of a DiT file (Flux's
+    stacked ``qkv``) becomes adapters on diffusers' separate modules. None for norm and ia3."""
     init_params: Callable[..., dict[str, torch.Tensor]] | None
     """``init_params(shape, r, use_tucker=False, scheme="lycoris", ...)``: fresh tensors for
     training, in the community layout, for a weight of ``shape``. None for the algorithms that

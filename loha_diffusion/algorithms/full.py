@@ -38,6 +38,10 @@ def delta_bound(params, **_) -> float:
     return float(params["diff"].float().abs().max())
 
 
+def take_rows(params, rows):
+    return {name: tensor.index_select(0, rows) for name, tensor in params.items()}
+
+
 def delta_bias(params, bias) -> torch.Tensor | None:
     """``diff_b`` in fp32 (a new tensor), shaped like ``bias``; 1-D when the layer has no bias.
 

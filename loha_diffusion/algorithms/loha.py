@@ -108,6 +108,13 @@ def delta_bound(params, legacy_tucker: bool = False) -> float:
     return product_bound(*first) * product_bound(*second)
 
 
+def take_rows(params, rows):
+    """dW's output rows ``rows``: both halves' up factors' rows ((A1 B1) * (A2 B2) is taken row
+    by row); still rank r. Tucker files store the up factors transposed."""
+    axis = 1 if is_tucker(params) else 0
+    return {**params, **{name: params[name].index_select(axis, rows) for name in ("hada_w1_a", "hada_w2_a")}}
+
+
 def thin_rank(params) -> int:
     return rank(params) ** 2
 

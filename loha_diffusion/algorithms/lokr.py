@@ -107,6 +107,20 @@ def delta_bound(params, **_) -> float:
     return float(first_factor(params).abs().max()) * second
 
 
+def take_rows(params, rows):
+    """dW's output rows ``rows`` as a LoKr when they are whole row blocks of kron(w1, w2) (a
+    contiguous range starting and ending on a multiple of w2's rows): w1's rows of those blocks.
+    None otherwise: the rows cut through w2's blocks and are no Kronecker product."""
+    pair = second_factor_pair(params)
+    block = params["lokr_w2"].shape[0] if pair is None else pair[0].shape[0]
+    start, count = int(rows[0]), len(rows)
+    contiguous = bool(torch.equal(rows, torch.arange(start, start + count, device=rows.device)))
+    if not contiguous or start % block or count % block:
+        return None
+    name = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+    return {**params, name: params[name][start // block: (start + count) // block]}
+
+
 def check_shapes(params, weight_shape) -> str | None:
     """None if the tensors make a delta of ``weight_shape``, else why not."""
     weight_shape = tuple(weight_shape)

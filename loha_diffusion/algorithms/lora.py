@@ -68,6 +68,11 @@ def delta_bound(params, **_) -> float:
     return product_bound(*low_rank_factors(params))
 
 
+def take_rows(params, rows):
+    """dW's output rows ``rows`` (an index tensor): the up factor's rows; still rank r."""
+    return {**params, "lora_up.weight": params["lora_up.weight"].index_select(0, rows)}
+
+
 def thin_rank(params) -> int:
     return rank(params)
 

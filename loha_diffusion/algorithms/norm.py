@@ -63,3 +63,4 @@ fused_factors = None
 thin_rank = None
 build_cost = None
 init_params = None
+take_rows = None  # a norm / IA3 module has no stacked output rows to split

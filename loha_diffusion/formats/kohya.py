@@ -22,7 +22,7 @@ import torch
 
 from ..family import family_of_components
 from ..io import load_state_dict, save_state_dict
-from ..naming.keys import FAMILIES, UNET
+from ..naming.keys import DIT_FAMILIES, FAMILIES, TRANSFORMER, UNET
 from ..naming.kohya import kohya_name
 from ..naming.sgm import SgmPaths
 from ..state_dict import ModuleTensors, group_modules
@@ -30,10 +30,14 @@ from .in_memory import adapter_modules
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-# modelspec.implementation tells A1111 which key names to expect: SGM names for SDXL.
-_IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+# sd-scripts' values (library/sai_model_spec.py, train_network.py)
+_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
+_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 "flux": "flux-1-dev", "sd3": "stable-diffusion-3-medium"}
+# modelspec.implementation tells A1111 which key names to expect: SGM names for SDXL; our DiT
+# files name the transformer in diffusers' tree.
+_IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models",
+                   "flux": "diffusers", "sd3": "diffusers"}
 # the ss_* fields that describe the network (what kohya keeps with --no_metadata); the writer
 # sets them from the adapter it writes, so a rewritten file does not carry the source's over
 _NETWORK_FIELDS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
@@ -104,7 +108,7 @@ def kohya_state_dict(components: dict, adapter_name: str, family: str,
     for module in adapter_modules(components, adapter_name):
         adapter = module.adapter
         name = kohya_name(module.component, module.path, family, sgm=sgm)
-        for tensor_name, tensor in adapter.tensors_for_file().items():
+        for tensor_name, tensor in adapter.tensors_for_file(module.weight).items():
             if save_dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(save_dtype)
             tensors[f"{name}.{tensor_name}"] = tensor
@@ -119,16 +123,27 @@ def kohya_state_dict(components: dict, adapter_name: str, family: str,
                                 alphas.most_common(1)[0][0] if alphas else None)
 
 
+def dit_architecture(family: str, transformer_config) -> str:
+    """modelspec.architecture of a Flux / SD3 transformer: the variant its config shows."""
+    get = transformer_config.get if isinstance(transformer_config, Mapping) else (
+        lambda key: getattr(transformer_config, key, None))
+    if family == "flux":
+        return "flux-1-dev" if get("guidance_embeds") else "flux-1-schnell"
+    if get("dual_attention_layers"):
+        return "stable-diffusion-3.5-medium"
+    return "stable-diffusion-3.5-large" if get("qk_norm") else "stable-diffusion-3-medium"
+
+
 def kohya_metadata(family: str, network: NetworkInfo, v_prediction: bool, title: str,
-                   extra: Mapping | None = None) -> dict[str, str]:
+                   extra: Mapping | None = None, architecture: str | None = None) -> dict[str, str]:
     """The minimum set kohya keeps with --no_metadata, plus modelspec, as strings; ``extra``
-    fields are added (non-strings as JSON)."""
+    fields are added (non-strings as JSON). ``architecture`` overrides the family's default."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     is_lora = network.algorithm == "lora"
     args = {"algo": network.algorithm, **{k: str(v) for k, v in network.args.items()}}
     base_version = _BASE_MODEL_VERSION[family] + ("_v" if v_prediction and family != "sdxl" else "")
-    architecture = _ARCHITECTURE[family]
+    architecture = architecture or _ARCHITECTURE[family]
     if family == "sd2" and v_prediction:
         architecture = "stable-diffusion-v2-768-v"
     metadata = {
@@ -143,9 +158,10 @@ def kohya_metadata(family: str, network: NetworkInfo, v_prediction: bool, title:
         "modelspec.implementation": _IMPLEMENTATION[family],
         "modelspec.title": title,
         "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
-        "modelspec.resolution": "1024x1024" if family == "sdxl" else "512x512",
+        "modelspec.resolution": "1024x1024" if family in ("sdxl", *DIT_FAMILIES) else "512x512",
     }
+    if family not in DIT_FAMILIES:  # flow-matching models have no epsilon / v choice
+        metadata["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return metadata
 
@@ -167,5 +183,7 @@ def save_kohya(components: dict, adapter_name: str, path, *, save_dtype: torch.d
         save_dtype = SAVE_DTYPES[save_dtype]
     family = family or family_of_components(components)
     tensors, summary = kohya_state_dict(components, adapter_name, family, save_dtype)
-    header = kohya_metadata(family, network or summary, v_prediction, title or adapter_name, metadata)
+    transformer = components.get(TRANSFORMER)
+    architecture = None if transformer is None else dit_architecture(family, transformer.config)
+    header = kohya_metadata(family, network or summary, v_prediction, title or adapter_name, metadata, architecture)
     return save_state_dict(tensors, path, header)

@@ -22,7 +22,20 @@ from ..config import pattern_key
 from ..family import detect_family
 from ..io import AdapterFileError, load_state_dict, read_json_object, save_state_dict
 from ..layers import AdapterWeights
-from ..naming.keys import COMPONENTS, TE2_PREFIX, TE_PREFIX, TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_PREFIX, flat
+from ..naming.keys import (
+    COMPONENTS,
+    LYCORIS_PREFIX,
+    TE2_PREFIX,
+    TE3_PREFIX,
+    TE_PREFIX,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    TEXT_ENCODER_3,
+    TRANSFORMER,
+    UNET,
+    UNET_PREFIX,
+    flat,
+)
 from ..naming.peft import (
     PEFT_ALGORITHMS,
     PEFT_PREFIX,
@@ -35,7 +48,8 @@ from .in_memory import adapter_modules, lora_tensors
 
 _ALGORITHM_OF_PEFT_TYPE = {peft.peft_type: algorithm for algorithm, peft in PEFT_ALGORITHMS.items()}
 # the Kohya prefix under which each component's modules answer to their diffusers paths
-_KOHYA_PREFIX = {UNET: UNET_PREFIX, TEXT_ENCODER: TE_PREFIX, TEXT_ENCODER_2: TE2_PREFIX}
+_KOHYA_PREFIX = {UNET: UNET_PREFIX, TRANSFORMER: LYCORIS_PREFIX, TEXT_ENCODER: TE_PREFIX, TEXT_ENCODER_2: TE2_PREFIX,
+                 TEXT_ENCODER_3: TE3_PREFIX}
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -132,10 +146,9 @@ class PeftFolder:
         state = {}
         for component, tensors in self.tensors.items():
             for module_path, module in module_tensors(tensors, self.configs[component], component).items():
-                target = table.resolve_path(component, module_path)
-                if target is None:
+                name = table.file_name(component, module_path)
+                if name is None:
                     raise AdapterFileError(f"{component}: PEFT module {module_path!r} is not in the base model")
-                name = table.kohya_name(component, target.path)
                 state.update({f"{name}.{tensor_name}": tensor for tensor_name, tensor in module.items()})
         return state
 

@@ -23,7 +23,8 @@ class AdapterWeights(nn.Module):
     def __init__(self, algorithm: str, tensors: dict[str, torch.Tensor], alpha: float | None,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, legacy_tucker: bool = False,
                  dora_scale: torch.Tensor | None = None, dora_semantics: str = "lycoris",
-                 source_in_channels: int | None = None):
+                 source_in_channels: int | None = None, source_rows: torch.Tensor | None = None,
+                 source_out_features: int | None = None):
         super().__init__()
         get_algorithm(algorithm)  # fail early on an unknown name
         # the name, not the module object, so that adapters can be deep-copied and pickled
@@ -56,6 +57,11 @@ class AdapterWeights(nn.Module):
         # A 4-channel conv_in delta on a 9-channel inpainting UNet: the extra input channels get
         # a zero delta, as A1111 does (docs/formats.md 5, item 20).
         self.source_in_channels = source_in_channels
+        # One module of the file stacks several of this model's layers by output rows (Flux's
+        # qkv) and its tensors do not split (LoKr rows through its Kronecker blocks): the whole
+        # module's delta, ``source_out_features`` rows, is built and rows ``source_rows`` taken.
+        self.register_buffer("source_rows", source_rows)
+        self.source_out_features = source_out_features
         self.refresh_scale()
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_scale())
 
@@ -108,7 +114,7 @@ class AdapterWeights(nn.Module):
     def supports_thin_path(self) -> bool:
         """Exact low-rank factors exist and nothing depends on the base weight's values."""
         return (self.algorithm.low_rank_factors is not None and self.dora_scale is None
-                and self.source_in_channels is None)
+                and self.source_in_channels is None and self.source_rows is None)
 
     @property
     def supports_fused(self) -> bool:
@@ -128,6 +134,11 @@ class AdapterWeights(nn.Module):
 
     def delta_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """fp32 ``scale`` * dW for the base ``weight``."""
+        if self.source_rows is not None:
+            # only the shape of the stacked weight is read: a meta tensor allocates nothing
+            stacked = torch.empty((self.source_out_features, *weight.shape[1:]), device="meta")
+            delta = self.algorithm.delta_weight(self.params, stacked, scale=scale, legacy_tucker=self.legacy_tucker)
+            return delta.index_select(0, self.source_rows.to(delta.device))
         if self.source_in_channels is None:
             return self.algorithm.delta_weight(self.params, weight, scale=scale, legacy_tucker=self.legacy_tucker)
         narrow = weight[:, : self.source_in_channels]
@@ -172,8 +183,17 @@ class AdapterWeights(nn.Module):
         """(kind, factors) in the layout ``loha_diffusion.fused`` takes."""
         return self.algorithm.fused_factors(self.params, legacy_tucker=self.legacy_tucker)
 
-    def tensors_for_file(self) -> dict[str, torch.Tensor]:
-        """This adapter's tensors under their community names (alpha and dora_scale included)."""
+    def tensors_for_file(self, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under their community names (alpha and dora_scale included).
+
+        Rows taken from a stacked module are no tensors of their own: they are written as the
+        exact ``diff`` of this layer (alpha applied), which needs the layer's ``weight``."""
+        if self.source_rows is not None:
+            if weight is None:
+                raise ValueError("an adapter taken from rows of a stacked module is written as its full diff; "
+                                 "pass the layer's weight")
+            with torch.no_grad():
+                return {"diff": self.delta_weight(weight, self.scale)}
         tensors = {name: p.detach() for name, p in self.params.items()}
         if self.alpha is not None:
             tensors["alpha"] = self.alpha.detach()

@@ -7,23 +7,32 @@ from __future__ import annotations
 from typing import NamedTuple
 
 UNET = "unet"
+TRANSFORMER = "transformer"  # the denoiser of DiT pipelines (Flux, SD3), in place of the UNet
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
-COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+TEXT_ENCODER_3 = "text_encoder_3"  # SD3's T5
+COMPONENTS = (UNET, TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3)
+DENOISERS = (UNET, TRANSFORMER)
 
 UNET_PREFIX = "lora_unet_"
 LYCORIS_PREFIX = "lycoris_"
 TE_PREFIX = "lora_te_"
 TE1_PREFIX = "lora_te1_"
 TE2_PREFIX = "lora_te2_"
+TE3_PREFIX = "lora_te3_"  # kohya's T5 prefix on Flux and SD3, whichever pipeline attribute holds T5
+TRANSFORMER_PREFIX = "lora_transformer_"  # OneTrainer: diffusers transformer paths
 
-# every Kohya / LyCORIS prefix and the component it names in an SD1/SD2/SDXL pipeline
-PREFIX_OWNERS = {UNET_PREFIX: UNET, LYCORIS_PREFIX: UNET, TE_PREFIX: TEXT_ENCODER, TE1_PREFIX: TEXT_ENCODER,
-                 TE2_PREFIX: TEXT_ENCODER_2}
+# every Kohya / LyCORIS prefix and what it names (on Flux / SD3 ``lora_unet_`` and
+# ``lycoris_`` name the transformer)
+PREFIX_OWNERS = {UNET_PREFIX: "UNet or transformer", LYCORIS_PREFIX: "UNet or transformer",
+                 TRANSFORMER_PREFIX: TRANSFORMER, TE_PREFIX: TEXT_ENCODER, TE1_PREFIX: TEXT_ENCODER,
+                 TE2_PREFIX: TEXT_ENCODER_2, TE3_PREFIX: "T5 text encoder"}
 
 # The model families files are written for; module names alone often tell only SDXL from the
 # other two, which share every layout rule (SD1_OR_SD2).
-FAMILIES = ("sd1", "sd2", "sdxl")
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+DIT_FAMILIES = ("flux", "sd3")
+FAMILIES = UNET_FAMILIES + DIT_FAMILIES
 SD1_OR_SD2 = "sd1/sd2"
 
 # Children of a CLIP text model that live beside ``text_model``, not inside it.

@@ -18,8 +18,10 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Iterator
 
+from .dit import T5_COMPONENT, TEXT_PREFIXES
 from .keys import (
     COMPONENTS,
+    DIT_FAMILIES,
     LYCORIS_PREFIX,
     PREFIX_OWNERS,
     SD1_OR_SD2,
@@ -28,6 +30,8 @@ from .keys import (
     TE_PREFIX,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
+    TRANSFORMER,
+    TRANSFORMER_PREFIX,
     UNET,
     UNET_PREFIX,
     flat,
@@ -35,11 +39,15 @@ from .keys import (
 )
 from .sgm import SgmPaths
 
-WRITE_FAMILIES = ("sd1", "sd2", SD1_OR_SD2, "sdxl")
+WRITE_FAMILIES = ("sd1", "sd2", SD1_OR_SD2, "sdxl", *DIT_FAMILIES)
 
 
-def read_prefixes(component: str, components: Collection[str]) -> tuple[str, ...]:
-    """The prefixes that name ``component`` in a pipeline holding ``components``."""
+def read_prefixes(component: str, components: Collection[str], family: str | None = None) -> tuple[str, ...]:
+    """The prefixes that name ``component`` in a pipeline of ``family`` holding ``components``."""
+    if family in DIT_FAMILIES:
+        if component == TRANSFORMER:
+            return UNET_PREFIX, LYCORIS_PREFIX, TRANSFORMER_PREFIX
+        return TEXT_PREFIXES[family].get(component, ())
     if component == UNET:
         return UNET_PREFIX, LYCORIS_PREFIX
     if component == TEXT_ENCODER:
@@ -50,8 +58,16 @@ def read_prefixes(component: str, components: Collection[str]) -> tuple[str, ...
     raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
 
 
-def spellings(component: str, path: str, components: Collection[str], sgm: SgmPaths | None) -> Iterator[str]:
-    """Every name a file may use for the module at ``path`` of ``component``."""
+def spellings(component: str, path: str, components: Collection[str], sgm: SgmPaths | None,
+              family: str | None = None) -> Iterator[str]:
+    """Every name a file may use for the module at ``path`` of ``component`` (in diffusers' tree;
+    the original names of DiT modules are ``naming.dit``'s)."""
+    if component == TRANSFORMER:
+        yield from (prefix + flat(path) for prefix in read_prefixes(component, components, family))
+        return
+    if family in DIT_FAMILIES and component == T5_COMPONENT[family]:
+        yield from (prefix + flat(path) for prefix in read_prefixes(component, components, family))
+        return
     if component == UNET:
         yield UNET_PREFIX + flat(path)
         yield LYCORIS_PREFIX + flat(path)
@@ -60,14 +76,14 @@ def spellings(component: str, path: str, components: Collection[str], sgm: SgmPa
             yield UNET_PREFIX + flat(sgm_path)
         return
     with_text_model = text_model_path(path)
-    for prefix in read_prefixes(component, components):
+    for prefix in read_prefixes(component, components, family):
         yield prefix + flat(with_text_model)
         yield prefix + flat(with_text_model.removeprefix("text_model."))
 
 
-def unmatched_reason(name: str, components: Collection[str]) -> str:
+def unmatched_reason(name: str, components: Collection[str], family: str | None = None) -> str:
     """A short reason why no module of ``components`` answers to ``name``, for error messages."""
-    answering = {p: c for c in components for p in read_prefixes(c, components)}
+    answering = {p: c for c in components for p in read_prefixes(c, components, family)}
     for prefix, owner in PREFIX_OWNERS.items():
         if name.startswith(prefix):
             component = answering.get(prefix)
@@ -78,6 +94,14 @@ def unmatched_reason(name: str, components: Collection[str]) -> str:
 
 
 def _write_prefix(component: str, family: str) -> str:
+    if family in DIT_FAMILIES:
+        # diffusers' tree under LyCORIS' prefix (SimpleTuner's files; ComfyUI reads them): one
+        # name per module, exact for every algorithm, where the original tree stacks modules
+        if component == TRANSFORMER:
+            return LYCORIS_PREFIX
+        prefixes = TEXT_PREFIXES[family].get(component)
+        if prefixes:
+            return prefixes[0]
     if component == UNET:
         return UNET_PREFIX
     if family == "sdxl" and component in (TEXT_ENCODER, TEXT_ENCODER_2):
@@ -98,6 +122,8 @@ def kohya_name(component: str, module_path: str, family: str, unet_config=None, 
     if family not in WRITE_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(WRITE_FAMILIES)}")
     prefix = _write_prefix(component, family)
+    if component == TRANSFORMER or (family in DIT_FAMILIES and component == T5_COMPONENT[family]):
+        return prefix + flat(module_path)
     if component != UNET:
         return prefix + flat(text_model_path(module_path))
     if family != "sdxl":
