@@ -26,6 +26,11 @@ ADAPTER = "converted"
 TARGETS = ("kohya", "peft", "diffusers")
 
 
+# SD3 files do not say which SD3 they were trained on; the first published variant whose layers
+# fit every module of the file is taken
+_SD3_VARIANTS = ("sd3", "sd3.5-medium", "sd3.5-large")
+
+
 def load_onto_skeleton(source, base_model=None, family: str | None = None, allow_pickle: bool = False,
                        allow_unknown_keys: bool = False, progress: bool = False) -> tuple[dict, str, dict]:
     """(components holding the adapter ``converted``, family, source metadata)."""
@@ -37,24 +42,33 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
         if family == SD1_OR_SD2:  # the names alone cannot pick one of the two skeletons
             family = None
     if base_model is not None:
-        components = components_from_folder(base_model)
+        candidates = [lambda: components_from_folder(base_model)]
     elif family is None:
-        raise AdapterFileError(f"{source}: cannot tell whether it is an SD1, SD2 or SDXL adapter; pass the base "
-                               "model folder (--base-model) or the family (--family sd1|sd2|sdxl)")
+        raise AdapterFileError(f"{source}: cannot tell which model family it is for; pass the base model folder "
+                               "(--base-model) or the family (--family sd1|sd2|sdxl|flux|sd3|...)")
     else:
-        components = skeleton_components(family)
-    table = KeyTable(**components)
-    if read.peft:
-        kohya = read.kohya_file(table, allow_unknown_keys=allow_unknown_keys)
-    attach(plan(kohya.modules, table, kohya.source, kohya.metadata, progress=progress), table, ADAPTER)
-    return components, family_of_components(components), kohya.metadata
+        variants = _SD3_VARIANTS if family == "sd3" else (family,)
+        candidates = [lambda variant=variant: skeleton_components(variant) for variant in variants]
+    for build in candidates:
+        components = build()
+        table = KeyTable(**components)
+        try:
+            adapter = read.kohya_file(table, allow_unknown_keys=allow_unknown_keys) if read.peft else kohya
+            placements = plan(adapter.modules, table, adapter.source, adapter.metadata, progress=progress)
+            break
+        except AdapterFileError:
+            if build is candidates[-1]:
+                raise
+    attach(placements, table, ADAPTER)
+    return components, family_of_components(components), adapter.metadata
 
 
 def convert(source, destination, to: str, base_model=None, family: str | None = None, as_lora_exact: bool = False,
             approximate_rank: int | None = None, save_dtype=None, allow_pickle: bool = False,
-            progress: bool = False) -> Path:
-    """Convert ``source`` (Kohya/LyCORIS file, diffusers LoRA file or PEFT folder) to ``to``:
-    kohya, peft or diffusers."""
+            progress: bool = False, naming: str = "diffusers") -> Path:
+    """Convert ``source`` (Kohya/LyCORIS file, diffusers LoRA file, ComfyUI/BFL dotted file or PEFT
+    folder) to ``to``: kohya, peft or diffusers. ``naming`` picks how a kohya file names a Flux /
+    SD3 transformer: "diffusers" (``lycoris_`` + diffusers paths) or "original" (BFL / SAI names)."""
     if to not in TARGETS:
         raise ValueError(f"to must be 'kohya', 'peft' or 'diffusers', got {to!r}")
     components, family, metadata = load_onto_skeleton(source, base_model, family, allow_pickle, progress=progress)
@@ -65,4 +79,4 @@ def convert(source, destination, to: str, base_model=None, family: str | None = 
     if to == "peft":
         return write_peft_folder(components, ADAPTER, destination)
     return save_kohya(components, ADAPTER, destination, save_dtype=save_dtype, family=family,
-                      metadata=training_fields(metadata))
+                      metadata=training_fields(metadata), naming=naming)

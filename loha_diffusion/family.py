@@ -27,6 +27,7 @@ from .naming.keys import (
     SD1_OR_SD2,
     TE1_PREFIX,
     TE2_PREFIX,
+    TE3_PREFIX,
     TE_PREFIX,
     TEXT_ENCODER_2,
     TRANSFORMER,
@@ -103,12 +104,13 @@ def _from_names(names: Iterable[str]) -> str | None:
     attentions, the upsampler index). Weak hints, used only without strong ones: ``lora_te1_``
     (SDXL) and ``lora_te_`` (SD1/SD2), since some tools write them the other way round.
     Disagreeing hints say nothing."""
-    strong, weak = set(), set()
+    strong, weak, dit, any_dit = set(), set(), set(), False
     for name in names:
-        dit = _dit_family_of_name(name)
-        if dit is not None:
-            if dit != _EITHER_DIT:
-                strong.add(dit)
+        found = _dit_family_of_name(name)
+        if found is not None:
+            any_dit = True
+            if found != _EITHER_DIT:
+                dit.add(found)
             continue
         body = unet_body(name)
         if body is not None:
@@ -116,12 +118,16 @@ def _from_names(names: Iterable[str]) -> str | None:
                 strong.add("sdxl")
             if _SD12_UNET.search(body):
                 strong.add(SD1_OR_SD2)
+        elif name.startswith(TE3_PREFIX):
+            any_dit = True
         elif name.startswith(TE2_PREFIX):
             strong.add("sdxl")
         elif name.startswith(TE1_PREFIX):
             weak.add("sdxl")
         elif name.startswith(TE_PREFIX):
             weak.add(SD1_OR_SD2)
+    if any_dit:  # text encoder prefixes mean other encoders on a DiT (lora_te2_ is SD3's CLIP-G)
+        return dit.pop() if len(dit) == 1 and not strong else None
     hints = strong or weak
     return hints.pop() if len(hints) == 1 else None
 

@@ -269,8 +269,14 @@ def unload_loha_weights(pipe, keep_fused: bool = False) -> None:
 
 
 def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str = "kohya",
-                      save_dtype: torch.dtype | None = None, metadata: dict | None = None):
-    """Write one adapter as a Kohya/LyCORIS file (``format="kohya"``) or a PEFT folder ("peft")."""
+                      save_dtype: torch.dtype | None = None, metadata: dict | None = None, naming: str = "diffusers"):
+    """Write one adapter as a Kohya/LyCORIS file (``format="kohya"``) or a PEFT folder ("peft").
+
+    A Flux / SD3 transformer's modules are written in diffusers' tree under LyCORIS' prefix
+    (``lycoris_transformer_blocks_0_attn_to_q``: SimpleTuner's layout, read by ComfyUI), or with
+    ``naming="original"`` under BFL's / SAI's names as kohya sd-scripts writes them
+    (``lora_unet_double_blocks_0_img_attn_qkv``, which diffusers' own loader also reads), where
+    the layers' adapters stack into those modules exactly."""
     names = get_loha_adapters(pipe, flat=True)
     if adapter_name is None:
         if len(names) != 1:
@@ -281,7 +287,7 @@ def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str =
         return write_peft_folder(_components(pipe), adapter_name, path)
     if format != "kohya":
         raise ValueError(f"format must be 'kohya' or 'peft', got {format!r}")
-    return save_kohya(_components(pipe), adapter_name, path, save_dtype=save_dtype, metadata=metadata)
+    return save_kohya(_components(pipe), adapter_name, path, save_dtype=save_dtype, metadata=metadata, naming=naming)
 
 
 PIPELINE_METHODS = {f.__name__: f for f in (

@@ -1,4 +1,5 @@
-"""Weightless SD1 / SD2 / SDXL models (on the meta device) for converting files without a model.
+"""Weightless SD1 / SD2 / SDXL / Flux / SD3 models (on the meta device) for converting files
+without a model.
 
 Converting between formats only needs module paths and weight shapes, so the published
 architectures are rebuilt from their configs on the meta device: no download, no memory.
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .io import read_json_object
 
 _SD_BLOCKS = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
               "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
@@ -38,13 +41,62 @@ TEXT_ENCODER_CONFIGS = {
 }
 
 
+# Published transformer configs (the models' transformer/config.json on the hub): FLUX.1-dev is
+# FluxTransformer2DModel's defaults (schnell only lacks the guidance embedder, whose modules a
+# schnell file never names); SD3 Medium, SD3.5 Large and SD3.5 Medium.
+_SD3_MEDIUM = {"num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536,
+               "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "in_channels": 16, "out_channels": 16,
+               "patch_size": 2, "pos_embed_max_size": 192, "sample_size": 128}
+TRANSFORMER_CONFIGS = {
+    "flux": {},
+    "sd3": _SD3_MEDIUM,
+    "sd3.5-large": {**_SD3_MEDIUM, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+                    "qk_norm": "rms_norm"},
+    "sd3.5-medium": {**_SD3_MEDIUM, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                     "dual_attention_layers": tuple(range(13))},
+}
+_CLIP_L_PROJECTED = {**_CLIP_L, "projection_dim": 768}
+_CLIP_G = TEXT_ENCODER_CONFIGS["sdxl"]["text_encoder_2"]
+_T5_XXL = {"d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "d_kv": 64,
+           "feed_forward_proj": "gated-gelu", "vocab_size": 32128}
+DIT_TEXT_ENCODERS = {"flux": {"text_encoder": ("clip", _CLIP_L), "text_encoder_2": ("t5", _T5_XXL)},
+                     "sd3": {"text_encoder": ("clip_projected", _CLIP_L_PROJECTED),
+                             "text_encoder_2": ("clip_projected", _CLIP_G), "text_encoder_3": ("t5", _T5_XXL)}}
+
+
+def _text_encoder(kind: str, config: dict) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if kind == "t5":
+        return T5EncoderModel(T5Config(**config))
+    return (CLIPTextModelWithProjection if kind == "clip_projected" else CLIPTextModel)(CLIPTextConfig(**config))
+
+
+def dit_skeleton_components(variant: str) -> dict[str, nn.Module]:
+    """transformer and text encoders of a published Flux / SD3 variant (``TRANSFORMER_CONFIGS``), weightless."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if variant not in TRANSFORMER_CONFIGS:
+        raise ValueError(f"unknown DiT model {variant!r}: expected one of {', '.join(TRANSFORMER_CONFIGS)}")
+    family = "flux" if variant == "flux" else "sd3"
+    with torch.device("meta"):
+        cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+        components = {"transformer": cls(**TRANSFORMER_CONFIGS[variant])}
+        for name, (kind, config) in DIT_TEXT_ENCODERS[family].items():
+            components[name] = _text_encoder(kind, config)
+    return components
+
+
 def skeleton_components(family: str) -> dict[str, nn.Module]:
-    """unet and text encoder(s) of a published family, weightless."""
+    """unet and text encoder(s) of a published family, weightless; Flux / SD3 variants too."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if family in TRANSFORMER_CONFIGS:
+        return dit_skeleton_components(family)
     if family not in UNET_CONFIGS:
-        raise ValueError(f"unknown model family {family!r}: expected one of {', '.join(UNET_CONFIGS)}")
+        raise ValueError(f"unknown model family {family!r}: expected one of "
+                         f"{', '.join([*UNET_CONFIGS, *TRANSFORMER_CONFIGS])}")
     with torch.device("meta"):
         components = {"unet": UNet2DConditionModel(**UNET_CONFIGS[family])}
         for name, config in TEXT_ENCODER_CONFIGS[family].items():
@@ -54,16 +106,27 @@ def skeleton_components(family: str) -> dict[str, nn.Module]:
 
 
 def components_from_folder(folder: str | Path) -> dict[str, nn.Module]:
-    """unet and text encoder(s) of a diffusers folder, built from its configs, weightless."""
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """unet or transformer and the text encoders of a diffusers folder, weightless, each built from
+    its config.json (the class it names: diffusers' ``_class_name``, transformers' ``architectures``)."""
+    import diffusers
+    import transformers
 
     folder = Path(folder)
-    if not (folder / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers model folder (no unet/config.json)")
+    denoiser = next((name for name in ("unet", "transformer") if (folder / name / "config.json").is_file()), None)
+    if denoiser is None:
+        raise FileNotFoundError(f"{folder} is not a diffusers model folder (no unet/config.json nor "
+                                "transformer/config.json)")
+    components = {}
     with torch.device("meta"):
-        components = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
-        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            if (folder / name / "config.json").is_file():
-                components[name] = cls(AutoConfig.from_pretrained(folder / name))
+        for name in (denoiser, "text_encoder", "text_encoder_2", "text_encoder_3"):
+            config_file = folder / name / "config.json"
+            if not config_file.is_file():
+                continue
+            config = read_json_object(config_file)
+            if name == denoiser:
+                cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
+                components[name] = cls.from_config(cls.load_config(folder / name))
+            else:
+                cls = getattr(transformers, (config.get("architectures") or ["CLIPTextModel"])[0])
+                components[name] = cls(transformers.AutoConfig.from_pretrained(folder / name))
     return components

@@ -108,17 +108,19 @@ def delta_bound(params, **_) -> float:
 
 
 def take_rows(params, rows):
-    """dW's output rows ``rows`` as a LoKr when they are whole row blocks of kron(w1, w2) (a
-    contiguous range starting and ending on a multiple of w2's rows): w1's rows of those blocks.
-    None otherwise: the rows cut through w2's blocks and are no Kronecker product."""
+    """dW's output rows ``rows`` as a LoKr when they are whole row blocks of kron(w1, w2) (runs of
+    w2's row count, each starting on a multiple of it, in any order): those rows of w1. None
+    otherwise: the rows cut through w2's blocks and are no Kronecker product."""
     pair = second_factor_pair(params)
     block = params["lokr_w2"].shape[0] if pair is None else pair[0].shape[0]
-    start, count = int(rows[0]), len(rows)
-    contiguous = bool(torch.equal(rows, torch.arange(start, start + count, device=rows.device)))
-    if not contiguous or start % block or count % block:
+    if len(rows) % block:
+        return None
+    runs = rows.reshape(-1, block)
+    starts = runs[:, 0]
+    if bool((starts % block).any()) or not torch.equal(runs, starts[:, None] + torch.arange(block, device=rows.device)):
         return None
     name = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
-    return {**params, name: params[name][start // block: (start + count) // block]}
+    return {**params, name: params[name].index_select(0, starts // block)}
 
 
 def check_shapes(params, weight_shape) -> str | None:

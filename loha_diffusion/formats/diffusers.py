@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..family import family_of_components
 from ..io import AdapterFileError, save_state_dict
 from ..naming.diffusers_lora import (
     LORA_ADAPTER_METADATA_KEY,
@@ -17,6 +18,7 @@ from ..naming.diffusers_lora import (
     modern_key,
     split_metadata_field,
 )
+from ..naming.dit import T5_COMPONENT
 from ..naming.keys import COMPONENTS
 from ..naming.peft import PEFT_PREFIX, to_peft_tensor_name
 from .in_memory import adapter_modules, lora_pair, lora_tensors
@@ -71,8 +73,16 @@ def write_diffusers_lora(components: dict, adapter_name: str, path, approximate_
     Scales are baked into ``lora_B`` and no alphas are written: diffusers then uses scale 1 for
     every module, sidestepping its per-module alpha handling (docs/formats.md 4.3).
     """
+    family = family_of_components(components)
+    modules = list(adapter_modules(components, adapter_name))
+    t5 = [m for m in modules if family in T5_COMPONENT and m.component == T5_COMPONENT[family]]
+    if t5:
+        # diffusers' Flux / SD3 loaders take transformer and CLIP keys only and would drop these silently
+        raise ValueError(f"diffusers' {family} LoRA format has no T5 text encoder, and the adapter changes "
+                         f"{len(t5)} module(s) of {t5[0].component} (T5), e.g. {t5[0].path}; write it as kohya "
+                         "(LyCORIS names, read by ComfyUI) or as a PEFT folder instead")
     tensors = {}
-    for module in adapter_modules(components, adapter_name):
+    for module in modules:
         up, down = lora_pair(module.adapter, module.weight, approximate_rank)
         for name, tensor in lora_tensors(up, down, module.weight.shape).items():
             tensors[diffusers_lora_key(module.component, module.path, to_peft_tensor_name(name))] = tensor.float()

@@ -27,6 +27,7 @@ from ..naming.kohya import kohya_name
 from ..naming.sgm import SgmPaths
 from ..state_dict import ModuleTensors, group_modules
 from .in_memory import adapter_modules
+from .original_tree import original_tree_tensors
 
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -98,20 +99,26 @@ class NetworkInfo:
     args: dict = field(default_factory=dict)
 
 
-def kohya_state_dict(components: dict, adapter_name: str, family: str,
-                     save_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], NetworkInfo]:
-    """(tensors keyed ``<kohya name>.<tensor>``, the most common algorithm, rank and alpha)."""
+def kohya_state_dict(components: dict, adapter_name: str, family: str, save_dtype: torch.dtype | None = None,
+                     naming: str = "diffusers") -> tuple[dict[str, torch.Tensor], NetworkInfo]:
+    """(tensors keyed ``<kohya name>.<tensor>``, the most common algorithm, rank and alpha).
+
+    A Flux / SD3 transformer is named in diffusers' tree (``lycoris_``, any adapter) or, with
+    ``naming="original"``, in BFL's / SAI's as kohya does (``formats.original_tree``)."""
+    if naming not in ("diffusers", "original"):
+        raise ValueError(f"naming must be 'diffusers' or 'original', got {naming!r}")
+    original = naming == "original" and family in DIT_FAMILIES
+    if naming == "original" and not original:
+        raise ValueError(f"naming='original' applies to Flux and SD3 transformers, not to a {family} model")
     unet_config = getattr(components.get(UNET), "config", None)
     sgm = SgmPaths(unet_config) if family == "sdxl" and unet_config is not None else None
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = original_tree_tensors(components, adapter_name, family) if original else {}
     algorithms, ranks, alphas = Counter(), Counter(), Counter()
     for module in adapter_modules(components, adapter_name):
         adapter = module.adapter
-        name = kohya_name(module.component, module.path, family, sgm=sgm)
-        for tensor_name, tensor in adapter.tensors_for_file(module.weight).items():
-            if save_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(save_dtype)
-            tensors[f"{name}.{tensor_name}"] = tensor
+        if not (original and module.component == TRANSFORMER):
+            name = kohya_name(module.component, module.path, family, sgm=sgm)
+            tensors.update({f"{name}.{k}": v for k, v in adapter.tensors_for_file(module.weight).items()})
         algorithms[adapter.algorithm.NAME] += 1
         if adapter.rank is not None:
             ranks[adapter.rank] += 1
@@ -119,6 +126,8 @@ def kohya_state_dict(components: dict, adapter_name: str, family: str,
             alphas[float(adapter.alpha)] += 1
     if not tensors:
         raise ValueError(f"no layer holds an adapter named {adapter_name!r}")
+    if save_dtype is not None:
+        tensors = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return tensors, NetworkInfo(algorithms.most_common(1)[0][0], ranks.most_common(1)[0][0] if ranks else None,
                                 alphas.most_common(1)[0][0] if alphas else None)
 
@@ -172,17 +181,18 @@ def _number(value: float) -> str:
 
 def save_kohya(components: dict, adapter_name: str, path, *, save_dtype: torch.dtype | str | None = None,
                family: str | None = None, network: NetworkInfo | None = None, v_prediction: bool = False,
-               title: str | None = None, metadata: Mapping | None = None) -> Path:
+               title: str | None = None, metadata: Mapping | None = None, naming: str = "diffusers") -> Path:
     """Write adapter ``adapter_name`` of the components as a Kohya / LyCORIS file.
 
     ``family`` defaults to the components'; ``network`` (what ``ss_network_*`` declare) to the
     adapter's most common algorithm, rank and alpha; ``title`` to the adapter name.
-    ``metadata`` adds header fields (a trainer's ``ss_*`` training fields, say).
+    ``metadata`` adds header fields (a trainer's ``ss_*`` training fields, say). ``naming``:
+    see :func:`kohya_state_dict`.
     """
     if isinstance(save_dtype, str):
         save_dtype = SAVE_DTYPES[save_dtype]
     family = family or family_of_components(components)
-    tensors, summary = kohya_state_dict(components, adapter_name, family, save_dtype)
+    tensors, summary = kohya_state_dict(components, adapter_name, family, save_dtype, naming)
     transformer = components.get(TRANSFORMER)
     architecture = None if transformer is None else dit_architecture(family, transformer.config)
     header = kohya_metadata(family, network or summary, v_prediction, title or adapter_name, metadata, architecture)

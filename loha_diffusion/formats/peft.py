@@ -35,6 +35,7 @@ from ..naming.keys import (
     UNET,
     UNET_PREFIX,
     flat,
+    is_t5_path,
 )
 from ..naming.peft import (
     PEFT_ALGORITHMS,
@@ -50,6 +51,12 @@ _ALGORITHM_OF_PEFT_TYPE = {peft.peft_type: algorithm for algorithm, peft in PEFT
 # the Kohya prefix under which each component's modules answer to their diffusers paths
 _KOHYA_PREFIX = {UNET: UNET_PREFIX, TRANSFORMER: LYCORIS_PREFIX, TEXT_ENCODER: TE_PREFIX, TEXT_ENCODER_2: TE2_PREFIX,
                  TEXT_ENCODER_3: TE3_PREFIX}
+
+
+def _kohya_prefix(component: str, module_path: str) -> str:
+    """A Kohya prefix for a PEFT component's module, for reports: T5's is ``lora_te3_`` (kohya's
+    on Flux and SD3), whichever pipeline attribute holds it."""
+    return TE3_PREFIX if component not in (UNET, TRANSFORMER) and is_t5_path(module_path) else _KOHYA_PREFIX[component]
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -108,7 +115,7 @@ class PeftFolder:
         """``detect_family`` from the tensors' shapes and the module paths (as Kohya names)."""
         tensors = {f"{c}.{key}": tensor for c, sd in self.tensors.items() for key, tensor in sd.items()}
         parsed = ((c, parse_peft_key(key)) for c, sd in self.tensors.items() for key in sd)
-        names = {_KOHYA_PREFIX[c] + flat(p.module_path) for c, p in parsed if p is not None}
+        names = {_kohya_prefix(c, p.module_path) + flat(p.module_path) for c, p in parsed if p is not None}
         return detect_family(tensors=tensors, names=names)
 
     @classmethod
@@ -136,7 +143,7 @@ class PeftFolder:
         state = {}
         for component, tensors in self.tensors.items():
             for module_path, module in module_tensors(tensors, self.configs[component], component).items():
-                name = _KOHYA_PREFIX[component] + flat(module_path)
+                name = _kohya_prefix(component, module_path) + flat(module_path)
                 state.update({f"{name}.{tensor_name}": tensor for tensor_name, tensor in module.items()})
         return state
 

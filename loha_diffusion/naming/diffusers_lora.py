@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .keys import COMPONENTS, UNET, text_model_path
+from .keys import COMPONENTS, DENOISERS, UNET, text_model_path
 from .peft import parse_peft_key, peft_key
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
@@ -34,7 +34,7 @@ def diffusers_lora_key(component: str, module_path: str, tensor_name: str) -> st
     """The key of a community LoRA tensor (``lora_down.weight`` / ``lora_up.weight``)."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
-    path = module_path if component == UNET else text_model_path(module_path)
+    path = module_path if component in DENOISERS else text_model_path(module_path)
     return peft_key(path, tensor_name, prefix=f"{component}.")
 
 

@@ -18,7 +18,7 @@ transformer's config (how many blocks of each kind), as the SGM tables of the UN
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from .keys import TE1_PREFIX, TE2_PREFIX, TE3_PREFIX, TE_PREFIX, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3
@@ -137,3 +137,18 @@ def dit_family(config) -> str | None:
     if config_value(config, "caption_projection_dim") is not None:
         return "sd3"
     return None
+
+
+# first module names of the original trees (BFL Flux, SAI MMDiT) after a Kohya prefix
+_ORIGINAL_ROOTS = ("double_blocks_", "single_blocks_", "joint_blocks_", "img_in", "txt_in", "time_in_", "vector_in_",
+                   "guidance_in_", "final_layer_", "x_embedder_proj", "t_embedder_", "y_embedder_")
+
+
+def detect_dit_naming(bodies: Iterable[str]) -> str | None:
+    """"original" (BFL / SAI module names, as kohya sd-scripts and ComfyUI write), "diffusers"
+    (diffusers' module tree, as LyCORIS' wrapper / SimpleTuner, OneTrainer and PEFT write) or
+    "mixed", for transformer module names without their prefix; None if there are none."""
+    kinds = {"original" if body.startswith(_ORIGINAL_ROOTS) else "diffusers" for body in bodies}
+    if len(kinds) > 1:
+        return "mixed"
+    return kinds.pop() if kinds else None

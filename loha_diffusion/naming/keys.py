@@ -37,6 +37,7 @@ SD1_OR_SD2 = "sd1/sd2"
 
 # Children of a CLIP text model that live beside ``text_model``, not inside it.
 _OUTSIDE_TEXT_MODEL = ("text_projection",)
+_T5_ROOTS = ("encoder.block.", "encoder.final_layer_norm", "encoder.embed_tokens", "shared")
 
 
 class Target(NamedTuple):
@@ -56,12 +57,19 @@ def flat(path: str) -> str:
     return path.replace(".", "_")
 
 
+def is_t5_path(path: str) -> bool:
+    """A module path of a T5 encoder (``encoder.block.0.layer.0.SelfAttention.q``); CLIP's
+    encoder holds ``encoder.layers`` instead, so the two never share a path."""
+    return path.startswith(_T5_ROOTS)
+
+
 def text_model_path(path: str) -> str:
     """A text encoder module path in the transformers-4 tree (``text_model.encoder...``).
 
     transformers 5 dropped the ``text_model`` level from ``CLIPTextModel`` only; every CLIP
-    text module except the projection sits under it in the files.
+    text module except the projection sits under it in the files. T5 paths have no such
+    level and are returned as they are.
     """
-    if path.startswith("text_model.") or path.split(".", 1)[0] in _OUTSIDE_TEXT_MODEL:
+    if path.startswith("text_model.") or path.split(".", 1)[0] in _OUTSIDE_TEXT_MODEL or is_t5_path(path):
         return path
     return "text_model." + path
