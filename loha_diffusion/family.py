@@ -78,8 +78,9 @@ def detect_family(metadata: Mapping[str, str] | None = None, tensors: Mapping | 
 def _from_metadata(metadata: Mapping[str, str]) -> str | None:
     version = metadata.get("ss_base_model_version", "")
     architecture = metadata.get("modelspec.architecture", "")
-    # sd-scripts writes "flux1" / "sd3"; SAI's modelspec "flux-1-dev/lora", "stable-diffusion-3-medium/lora"
-    if version.startswith("flux") or architecture.startswith("flux"):
+    # sd-scripts writes "flux1" / "sd3"; SAI's modelspec "flux-1-dev/lora", "stable-diffusion-3-medium/lora".
+    # Flux.2 ("flux2_klein_4b", "flux-2-...") is another architecture: not "flux".
+    if version.startswith("flux1") or architecture.startswith("flux-1"):
         return "flux"
     if version.startswith("sd3") or architecture.startswith("stable-diffusion-3"):
         return "sd3"

@@ -13,6 +13,7 @@ adapters are stacked back by output rows, exactly:
 
 What does not stack exactly (separate LoKr adapters, mixed algorithms, DoRA on some layers only)
 is refused with the module named: the diffusers-tree names (``lycoris_...``) take any adapter.
+docs/formats.md 6.4 shows why these are exact.
 """
 from __future__ import annotations
 

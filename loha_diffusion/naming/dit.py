@@ -15,6 +15,7 @@ Some original modules are several diffusers modules at once: Flux's ``qkv`` is `
 (scale, shift). :class:`OriginalModule` records both facts; ``loha_diffusion.key_table``
 turns them into row ranges from the live modules' sizes. The tables come from the
 transformer's config (how many blocks of each kind), as the SGM tables of the UNet do.
+docs/formats.md 6 has the tables with their sources.
 """
 from __future__ import annotations
 
