@@ -11,7 +11,7 @@ import loha_diffusion  # noqa: F401  (adds the pipeline methods)
 from adapter_files import random_module, reference_delta
 from loha_diffusion.cli import inspect_file
 from loha_diffusion.convert import convert
-from loha_diffusion.io import save_state_dict
+from loha_diffusion.io import AdapterFileError, save_state_dict
 
 D, MLP = 32, 128  # tiny Flux: inner width, MLP width (tests/tiny_dit.py)
 QKV = ("lora_unet_double_blocks_0_img_attn_qkv", 3 * D)
@@ -224,3 +224,33 @@ def test_flux_file_converts_on_the_published_skeleton(tmp_path):
     up = out["lycoris_single_transformer_blocks_37_proj_mlp.lora_up.weight"]
     assert torch.equal(up, state["lora_unet_single_blocks_37_linear1.lora_up.weight"][3 * 3072:])
     assert f"{t5}.lora_up.weight" in out
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_peft_folder_of_a_flux_adapter_is_what_peft_applies(algo, flux, tmp_path):
+    """A BFL-named file loaded, then saved as PEFT folders: PEFT's own LoHa / LoRA layers on a
+    fresh transformer, merged, give W + the formula's delta of the file's stacked modules."""
+    from peft import PeftModel
+
+    source = _modules(_bfl_file(tmp_path / "bfl.safetensors", algo))
+    pipe = copy.deepcopy(flux)
+    pipe.load_loha_weights(tmp_path / "bfl.safetensors")
+    folder = pipe.save_loha_weights(tmp_path / "peft", format="peft")
+    assert sorted(p.name for p in folder.iterdir()) == ["text_encoder", "text_encoder_2", "transformer"]
+    merged = PeftModel.from_pretrained(copy.deepcopy(flux.transformer), folder / "transformer").merge_and_unload()
+    base, ours = flux.transformer.state_dict(), merged.state_dict()
+    qkv = reference_delta(source[QKV[0]], torch.empty(3 * D, D))
+    for i, part in enumerate("qkv"):
+        key = f"transformer_blocks.0.attn.to_{part}.weight"
+        torch.testing.assert_close(ours[key].double(), base[key].double() + qkv[i * D:(i + 1) * D], rtol=0, atol=1e-6)
+    linear1 = reference_delta(source[LINEAR1[0]], torch.empty(3 * D + MLP, D))
+    key = "single_transformer_blocks.0.proj_mlp.weight"
+    torch.testing.assert_close(ours[key].double(), base[key].double() + linear1[3 * D:], rtol=0, atol=1e-6)
+
+
+def test_rows_of_a_shared_lokr_are_not_written_as_peft(flux, tmp_path):
+    _bfl_file(tmp_path / "bfl.safetensors", "lokr_unaligned")
+    pipe = copy.deepcopy(flux)
+    pipe.load_loha_weights(tmp_path / "bfl.safetensors")
+    with pytest.raises(AdapterFileError, match="Kronecker blocks do not line up"):
+        pipe.save_loha_weights(tmp_path / "peft", format="peft")

@@ -299,6 +299,11 @@ def peft_adapter(modules: list) -> tuple[dict[str, torch.Tensor], dict, dict[str
         raise AdapterFileError(f"{component}: PEFT holds one algorithm per adapter, LoRA, LoHa or LoKr without "
                                f"DoRA; this adapter has {sorted(algorithms)}{' with DoRA' if dora else ''}")
     algorithm = algorithms.pop()
+    taking_rows = [m.path for m in modules if m.adapter.source_rows is not None]
+    if taking_rows:
+        raise AdapterFileError(f"{component}: {len(taking_rows)} layer(s) (e.g. {taking_rows[0]}) take rows of a LoKr "
+                               "that a Flux / SD3 file stacks over several layers and whose Kronecker blocks do not "
+                               "line up with them: no PEFT LoKr holds that; keep the Kohya format")
     factor = _lokr_factor(modules) if algorithm == "lokr" else None
     tucker = _peft_tucker(algorithm, modules)
     tensors, ranks, alphas = {}, {}, {}
