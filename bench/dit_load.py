@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, configure_threads, release_freed_memory, reset_peak_rss, status_mib
-
 import torch
+
+from _common import REPO_ROOT, configure_threads, release_freed_memory, reset_peak_rss, status_mib
 
 INNER, MLP, DOUBLE, SINGLE = 3072, 12288, 19, 38
 
