@@ -117,6 +117,11 @@ def _place_stacked(name: str, module: ModuleTensors, stacked: Stacked, table: Ke
             tensors = module.tensors
         else:
             layout = {}
+            # Each layer owns its tensors: the factors take_rows leaves whole (LoRA's down, LoHa's
+            # *_b, LoKr's w2) would otherwise be one tensor on several layers, which safetensors
+            # refuses to save ("Some tensors share memory") and an in-place edit of one layer's
+            # adapter would change the others'. They are low-rank factors: copies cost little.
+            tensors = {k: t.clone() if t is module.tensors.get(k) else t for k, t in tensors.items()}
         part_module = ModuleTensors(label, module.algorithm, tensors, module.alpha, dora, module.keys)
         placed.append(_place(label, part_module, part.target, table, options, **layout))
     return placed
