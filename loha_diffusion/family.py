@@ -59,6 +59,8 @@ _SD3 = re.compile(r"^joint_blocks_\d|^(x_embedder_proj|pos_embed_proj|t_embedder
 _ANY_DIT = re.compile(r"^(transformer_blocks_\d|context_embedder|x_embedder|norm_out_linear|proj_out|time_text_embed_)")
 _DIT_PREFIXES = (UNET_PREFIX, LYCORIS_PREFIX, TRANSFORMER_PREFIX)
 _EITHER_DIT = "flux/sd3"
+# T5 encoder module paths (``encoder.block.N...``), flattened; CLIP ones are ``[text_model_]encoder_layers_N``
+_T5_BODY = re.compile(r"encoder_block_\d")
 _SD12_UNET = re.compile(
     r"^(down|up)_blocks_3_|^down_blocks_0_attentions|^up_blocks_3_attentions"
     r"|^(input|output)_blocks_(9|10|11)_|^input_blocks_[12]_1_|^output_blocks_[6-8]_1_|^output_blocks_2_1_conv")
@@ -116,6 +118,9 @@ def _from_names(names: Iterable[str]) -> str | None:
                 strong.add("sdxl")
             if _SD12_UNET.search(body):
                 strong.add(SD1_OR_SD2)
+        elif name.startswith(TE2_PREFIX) and _T5_BODY.match(name[len(TE2_PREFIX):]):
+            # a T5 under lora_te2_ is OneTrainer's Flux (SD3's T5 is lora_te3_, SDXL's te2 a CLIP)
+            strong.add("flux")
         elif name.startswith(TE2_PREFIX):
             strong.add("sdxl")
         elif name.startswith(TE1_PREFIX):
