@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loha_diffusion  # noqa: F401  (attaches the pipeline methods)
-from adapter_files import make_file_tensors
+from adapter_files import make_file_tensors, reference_delta
 from dit_files import (  # noqa: F401  (one_thread: an autouse fixture)
     assert_weights,
     biggest_change,
@@ -23,7 +23,9 @@ from dit_files import (  # noqa: F401  (one_thread: an autouse fixture)
     random_tensors,
     sd3_modules,
     split,
+    stacked_weight,
 )
+from formulas import dora_merged
 from loha_diffusion.io import AdapterFileError
 from loha_diffusion.layers import AdapterLayer
 
@@ -161,6 +163,32 @@ def test_sd_scripts_split_qkv_form_loads_exactly(flux):
     assert biggest_change(flux.transformer, expected) > 1e-2
 
 
+@pytest.mark.parametrize("family,name", [("flux", "final_layer_adaLN_modulation_1"),
+                                         ("sd3", "joint_blocks_2_context_block_adaLN_modulation_1")])
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_input_axis_dora_on_a_swapped_module_matches_formula(request, family, name, algo):
+    """A per-input magnitude (LyCORIS <= 3.1) on a module whose rows are only reordered: column
+    norms do not depend on row order, so it applies to the one layer as it is."""
+    base = request.getfixturevalue(family)
+    (module,) = [m for m in original_modules(base) if m[0] == name]
+    state, _ = make_original_file(base, algo, [module])
+    weight, _ = stacked_weight(base.transformer, module[1], module[2])
+    tensors = {k.split(".", 1)[1]: v for k, v in state.items()}
+    delta = reference_delta(tensors, weight)
+    columns = (weight + delta).norm(dim=0, keepdim=True)
+    dora_scale = (columns * (1 + 0.3 * torch.rand(columns.shape, generator=torch.Generator().manual_seed(4),
+                                                  dtype=torch.float64))).float()
+    state[f"lora_unet_{name}.dora_scale"] = dora_scale
+    merged = dora_merged(weight, delta, dora_scale, 1.0, False, "lycoris")   # file row order
+    h = merged.shape[0] // 2
+    layer = base.transformer.get_submodule(module[1][0])
+    expected = {module[1][0]: (torch.cat([merged[h:], merged[:h]]), layer.bias.detach().double())}
+    pipe = loaded(base, state)
+    pipe.fuse_loha()
+    assert biggest_change(base.transformer, expected) > 1e-2
+    assert_weights(pipe.transformer, expected, base.transformer)
+
+
 # -- memory ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["lora", "loha"])
 def test_low_rank_files_stay_low_rank_on_stacked_layers(flux, algo):
@@ -243,6 +271,12 @@ def test_input_axis_dora_on_qkv_is_refused(flux):
     state = flux_file()
     state["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.rand(1, 32) + 0.5
     assert_refused(copy.deepcopy(flux), state, "input axis")
+
+
+def test_dora_scale_of_neither_axis_on_qkv_is_refused_by_name(flux):
+    state = flux_file()
+    state["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.rand(5, 1) + 0.5
+    assert_refused(copy.deepcopy(flux), state, r"lora_unet_double_blocks_0_img_attn_qkv\.dora_scale: .*neither axis")
 
 
 @pytest.mark.parametrize("tensors", [
