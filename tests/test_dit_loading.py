@@ -137,6 +137,23 @@ def test_sd3_last_context_modulation_swapped_and_others_not(sd3):
     assert (got - delta).abs().max() > 1e-2
 
 
+def test_flux_final_layer_halves_swapped_and_alpha_applied(flux):
+    """BFL's final_layer.adaLN_modulation.1 emits (shift, scale), diffusers' norm_out.linear
+    (scale, shift): the file's row i is the layer's row (i + 32) mod 64. Its alpha counts
+    (diffusers 0.42.1 pops final_layer alphas unused, so it is no oracle here)."""
+    g = torch.Generator().manual_seed(7)
+    up, down, alpha = torch.randn(64, 4, generator=g) * 0.3, torch.randn(4, 32, generator=g) * 0.3, 1.5
+    name = "lora_unet_final_layer_adaLN_modulation_1"
+    pipe = loaded(flux, {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
+                         f"{name}.alpha": torch.tensor(alpha)})
+    pipe.fuse_loha()
+    delta = alpha / 4 * up.double() @ down.double()
+    w = flux.transformer.get_submodule("norm_out.linear").weight.detach().double()
+    expected = {"norm_out.linear": (w + torch.cat([delta[32:], delta[:32]]), None)}
+    assert_weights(pipe.transformer, expected, flux.transformer)
+    assert biggest_change(flux.transformer, expected) > 1e-2
+
+
 def test_sd_scripts_split_qkv_form_loads_exactly(flux):
     """sd-scripts' ``split_qkv=True`` trains q, k, v with their own rank-r LoRA (forward: the
     concatenation of up_j(down_j(x)) * alpha/r) and saves them as one module: lora_down the three

@@ -113,7 +113,10 @@ def test_strengths_per_component(flux, pipe):
     ]
     for kwargs, strengths in cases:
         pipe.set_loha_adapters(["a"], **kwargs)
-        assert pipe.get_loha_adapters(weights=True) == {"a": strengths}
+        described = pipe.get_loha_adapters(weights=True)
+        assert described == {"a": strengths}
+        pipe.set_loha_adapters(list(described), list(described.values()))     # the documented round trip
+        assert pipe.get_loha_adapters(weights=True) == described
         pipe.fuse_loha()
         assert_components(flux, pipe, {c: w for c, w in at_strengths(flux, expected, strengths).items()
                                        if strengths[c] != 0})
