@@ -101,15 +101,24 @@ def _place_stacked(name: str, module: ModuleTensors, stacked: Stacked, table: Ke
     error = module.algorithm.check_shapes(module.tensors, shape)
     if error is not None:
         return [f"{name} -> {layers} stacked {shape}: {error}"]
-    if module.dora_scale is not None and dora_axis(module.dora_scale, shape) != "output":
-        return [f"{name}: its dora_scale runs along the input axis of the stacked weight {shape}, a norm over "
-                f"all of {layers} together, which does not split into those layers"]
+    axis = None
+    if module.dora_scale is not None:
+        try:  # a dora_scale of neither axis is a problem of this module, listed with the others
+            axis = dora_axis(module.dora_scale, shape)
+        except ValueError as exc:
+            return [f"{name}.dora_scale: {exc}"]
+        if axis == "input" and len(stacked.parts) > 1:
+            return [f"{name}: its dora_scale runs along the input axis of the stacked weight {shape}, a norm "
+                    f"over all of {layers} together, which does not split into those layers"]
     if module.algorithm.take_rows is None:
         return [f"{name}: a {module.algorithm.NAME} module on a stacked weight ({layers}) cannot be split"]
     placed = []
     for part in stacked.parts:
         rows = part.rows
-        dora = None if module.dora_scale is None else module.dora_scale.index_select(0, rows)
+        # A per-input magnitude on one layer whose rows the file only reorders (a swapped final
+        # modulation) applies as it is: a column's norm does not depend on the order of its rows.
+        dora = None if module.dora_scale is None else (
+            module.dora_scale if axis == "input" else module.dora_scale.index_select(0, rows))
         tensors = module.algorithm.take_rows(module.tensors, rows)
         label = f"{name}[{part.target.path}]"
         if tensors is None:
@@ -117,6 +126,11 @@ def _place_stacked(name: str, module: ModuleTensors, stacked: Stacked, table: Ke
             tensors = module.tensors
         else:
             layout = {}
+            # Each layer owns its tensors: the factors take_rows leaves whole (LoRA's down, LoHa's
+            # *_b, LoKr's w2) would otherwise be one tensor on several layers, which safetensors
+            # refuses to save ("Some tensors share memory") and an in-place edit of one layer's
+            # adapter would change the others'. They are low-rank factors: copies cost little.
+            tensors = {k: t.clone() if t is module.tensors.get(k) else t for k, t in tensors.items()}
         part_module = ModuleTensors(label, module.algorithm, tensors, module.alpha, dora, module.keys)
         placed.append(_place(label, part_module, part.target, table, options, **layout))
     return placed

@@ -60,6 +60,8 @@ _SD3 = re.compile(r"^joint_blocks_\d|^(x_embedder_proj|pos_embed_proj|t_embedder
 _ANY_DIT = re.compile(r"^(transformer_blocks_\d|context_embedder|x_embedder|norm_out_linear|proj_out|time_text_embed_)")
 _DIT_PREFIXES = (UNET_PREFIX, LYCORIS_PREFIX, TRANSFORMER_PREFIX)
 _EITHER_DIT = "flux/sd3"
+# T5 encoder module paths (``encoder.block.N...``), flattened; CLIP ones are ``[text_model_]encoder_layers_N``
+_T5_BODY = re.compile(r"encoder_block_\d")
 _SD12_UNET = re.compile(
     r"^(down|up)_blocks_3_|^down_blocks_0_attentions|^up_blocks_3_attentions"
     r"|^(input|output)_blocks_(9|10|11)_|^input_blocks_[12]_1_|^output_blocks_[6-8]_1_|^output_blocks_2_1_conv")
@@ -101,10 +103,12 @@ def _from_shapes(tensors: Mapping) -> str | None:
 
 
 def _from_names(names: Iterable[str]) -> str | None:
-    """Strong hints: ``lora_te2_`` and the UNet layout (block depth, which levels have
-    attentions, the upsampler index). Weak hints, used only without strong ones: ``lora_te1_``
-    (SDXL) and ``lora_te_`` (SD1/SD2), since some tools write them the other way round.
-    Disagreeing hints say nothing."""
+    """DiT names first: block names of either tree, T5 prefixes; once a file names a DiT, its
+    text encoder prefixes say nothing more (``lora_te2_`` is SD3's CLIP-G or, holding a T5,
+    OneTrainer's Flux T5). Otherwise strong hints: ``lora_te2_`` and the UNet layout (block
+    depth, which levels have attentions, the upsampler index). Weak hints, used only without
+    strong ones: ``lora_te1_`` (SDXL) and ``lora_te_`` (SD1/SD2), since some tools write them the
+    other way round. Disagreeing hints say nothing."""
     strong, weak, dit, any_dit = set(), set(), set(), False
     for name in names:
         found = _dit_family_of_name(name)
@@ -121,13 +125,17 @@ def _from_names(names: Iterable[str]) -> str | None:
                 strong.add(SD1_OR_SD2)
         elif name.startswith(TE3_PREFIX):
             any_dit = True
+        elif name.startswith(TE2_PREFIX) and _T5_BODY.match(name[len(TE2_PREFIX):]):
+            # a T5 under lora_te2_ is OneTrainer's Flux (SD3's T5 is lora_te3_, SDXL's te2 a CLIP)
+            any_dit = True
+            dit.add("flux")
         elif name.startswith(TE2_PREFIX):
             strong.add("sdxl")
         elif name.startswith(TE1_PREFIX):
             weak.add("sdxl")
         elif name.startswith(TE_PREFIX):
             weak.add(SD1_OR_SD2)
-    if any_dit:  # text encoder prefixes mean other encoders on a DiT (lora_te2_ is SD3's CLIP-G)
+    if any_dit:
         return dit.pop() if len(dit) == 1 and not strong else None
     hints = strong or weak
     return hints.pop() if len(hints) == 1 else None

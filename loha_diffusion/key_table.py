@@ -89,6 +89,7 @@ class KeyTable:
         self._names: dict[str, Target | Stacked] = {}
         self._canonical: dict[Target, Target] = {}  # text encoder paths in the text_model form
         self.ambiguous: dict[str, set[Target]] = {}
+        self._originals: dict[str, str] = {}  # DiT original-tree dotted path -> its kohya name
         self.unet_config = getattr(self.components.get(UNET), "config", None)
         self.sgm = SgmPaths(self.unet_config) if self.unet_config is not None else None
         family = family_of_components(self.components)
@@ -120,6 +121,7 @@ class KeyTable:
         if not all(t in self.modules for t in targets):
             return
         name = UNET_PREFIX + flat(original.path)
+        self._originals[original.path] = name
         if not original.is_fused:
             self._register(name, targets[0])
             return
@@ -176,8 +178,9 @@ class KeyTable:
         target = self.resolve_path(component, module_path)
         if target is not None:
             return self.kohya_name(component, target.path)
-        original = UNET_PREFIX + flat(module_path)
-        return original if component == TRANSFORMER and isinstance(self._names.get(original), Stacked) else None
+        # every original-tree module, not only the stacked ones: a file naming the original tree
+        # names its plain modules (img_mlp.0, img_in) that way too
+        return self._originals.get(module_path) if component == TRANSFORMER else None
 
     def unmatched(self, names: Iterable[str]) -> list[str]:
         """The names (sorted, once each) that no module answers to."""

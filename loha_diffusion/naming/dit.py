@@ -122,9 +122,12 @@ ORIGINAL_MODULES = {"flux": flux_modules, "sd3": sd3_modules}
 
 # kohya's text encoder prefixes per pipeline attribute (sd-scripts ``networks/lora_flux.py``,
 # ``networks/lora_sd3.py``): CLIP-L ``lora_te1_``, CLIP-G ``lora_te2_``, T5 ``lora_te3_`` even on
-# Flux, where T5 is the second encoder. ``lora_te_`` is ComfyUI's CLIP-L spelling.
+# Flux, where T5 is the second encoder. ``lora_te_`` is ComfyUI's CLIP-L spelling. Flux's T5 also
+# answers to ``lora_te2_``: OneTrainer's Flux files (and early sd-scripts ``lora_flux.py``) name it
+# so, and ComfyUI maps both (``comfy/lora.py`` "#OneTrainer Flux"); Flux has no CLIP-G to clash.
+# The first prefix is the one written.
 TEXT_PREFIXES = {
-    "flux": {TEXT_ENCODER: (TE1_PREFIX, TE_PREFIX), TEXT_ENCODER_2: (TE3_PREFIX,)},
+    "flux": {TEXT_ENCODER: (TE1_PREFIX, TE_PREFIX), TEXT_ENCODER_2: (TE3_PREFIX, TE2_PREFIX)},
     "sd3": {TEXT_ENCODER: (TE1_PREFIX, TE_PREFIX), TEXT_ENCODER_2: (TE2_PREFIX,), TEXT_ENCODER_3: (TE3_PREFIX,)},
 }
 # the pipeline attribute holding T5, whose module paths have no ``text_model`` level
