@@ -160,15 +160,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    tensors, seen = {}, set()
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().contiguous().cpu()
-        # safetensors refuses tensors sharing memory; adapters split from one stacked module
-        # of a DiT file (Flux's qkv) share their down factor in memory, and each gets a copy
-        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        tensors[key] = tensor
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
