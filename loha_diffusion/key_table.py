@@ -16,9 +16,10 @@ from torch import nn
 from .family import family_of_components
 from .layers import AdapterLayer
 from .model import logical_modules, unwrap
-from .naming.dit import ORIGINAL_MODULES, T5_COMPONENT, OriginalModule
+from .naming.dit import ORIGINAL_MODULES, OriginalModule
 from .naming.keys import (
     COMPONENTS,
+    DENOISERS,
     DIT_FAMILIES,
     SD1_OR_SD2,
     TRANSFORMER,
@@ -162,8 +163,9 @@ class KeyTable:
                              f"{sorted(self.ambiguous[name])}; it cannot be loaded unambiguously")
         return target
 
-    def _canonical_target(self, target: Target) -> Target:
-        if target.component in (UNET, TRANSFORMER) or target.component == T5_COMPONENT.get(self.family):
+    @staticmethod
+    def _canonical_target(target: Target) -> Target:
+        if target.component in DENOISERS:
             return target
         return Target(target.component, text_model_path(target.path))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Iterator
 
-from .dit import T5_COMPONENT, TEXT_PREFIXES
+from .dit import TEXT_PREFIXES
 from .keys import (
     COMPONENTS,
     DIT_FAMILIES,
@@ -63,9 +63,6 @@ def spellings(component: str, path: str, components: Collection[str], sgm: SgmPa
     """Every name a file may use for the module at ``path`` of ``component`` (in diffusers' tree;
     the original names of DiT modules are ``naming.dit``'s)."""
     if component == TRANSFORMER:
-        yield from (prefix + flat(path) for prefix in read_prefixes(component, components, family))
-        return
-    if family in DIT_FAMILIES and component == T5_COMPONENT[family]:
         yield from (prefix + flat(path) for prefix in read_prefixes(component, components, family))
         return
     if component == UNET:
@@ -122,7 +119,7 @@ def kohya_name(component: str, module_path: str, family: str, unet_config=None, 
     if family not in WRITE_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(WRITE_FAMILIES)}")
     prefix = _write_prefix(component, family)
-    if component == TRANSFORMER or (family in DIT_FAMILIES and component == T5_COMPONENT[family]):
+    if component == TRANSFORMER:
         return prefix + flat(module_path)
     if component != UNET:
         return prefix + flat(text_model_path(module_path))
