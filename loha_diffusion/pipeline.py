@@ -275,8 +275,8 @@ def save_loha_weights(pipe, path, adapter_name: str | None = None, format: str =
     A Flux / SD3 transformer's modules are written in diffusers' tree under LyCORIS' prefix
     (``lycoris_transformer_blocks_0_attn_to_q``: SimpleTuner's layout, read by ComfyUI), or with
     ``naming="original"`` under BFL's / SAI's names as kohya sd-scripts writes them
-    (``lora_unet_double_blocks_0_img_attn_qkv``, which diffusers' own loader also reads), where
-    the layers' adapters stack into those modules exactly."""
+    (``lora_unet_double_blocks_0_img_attn_qkv``; diffusers' own loader reads such LoRA files too),
+    where the layers' adapters stack into those modules exactly."""
     names = get_loha_adapters(pipe, flat=True)
     if adapter_name is None:
         if len(names) != 1:

@@ -254,3 +254,27 @@ def test_rows_of_a_shared_lokr_are_not_written_as_peft(flux, tmp_path):
     pipe.load_loha_weights(tmp_path / "bfl.safetensors")
     with pytest.raises(AdapterFileError, match="Kronecker blocks do not line up"):
         pipe.save_loha_weights(tmp_path / "peft", format="peft")
+
+
+def test_rows_of_a_shared_lokr_with_dora_save_as_diff_and_magnitude(flux, tmp_path):
+    """An unaligned LoKr with an output-axis DoRA magnitude on qkv: each layer is written as its
+    exact diff plus its rows of the magnitude, and the reloaded file fuses to W' of the formula."""
+    from formulas import dora_merged
+
+    g = torch.Generator().manual_seed(3)
+    lokr = {"lokr_w1": torch.randn(8, 2, generator=g), "lokr_w2": torch.randn(12, 16, generator=g) * 0.1}
+    magnitude = torch.rand(3 * D, 1, generator=g) + 0.5
+    state = {f"{QKV[0]}.{k}": v for k, v in lokr.items()} | {f"{QKV[0]}.dora_scale": magnitude}
+    pipe = copy.deepcopy(flux)
+    pipe.load_loha_weights(state)
+    saved = load_file(pipe.save_loha_weights(tmp_path / "lyco.safetensors"))
+    assert set(saved) == {f"lycoris_transformer_blocks_0_attn_to_{x}.{t}" for x in "qkv" for t in ("diff", "dora_scale")}
+    fresh = copy.deepcopy(flux)
+    fresh.load_loha_weights(tmp_path / "lyco.safetensors")
+    fresh.fuse_loha()
+    stacked = torch.cat([flux.transformer.get_submodule(f"transformer_blocks.0.attn.to_{x}").weight for x in "qkv"])
+    expected = dora_merged(stacked.double(), reference_delta(lokr, stacked), magnitude.double(), 1.0,
+                           output_axis=True, semantics="lycoris")
+    for i, x in enumerate("qkv"):
+        fused = fresh.transformer.get_submodule(f"transformer_blocks.0.attn.to_{x}").base_layer.weight
+        torch.testing.assert_close(fused.double(), expected[i * D:(i + 1) * D], rtol=0, atol=1e-5)

@@ -193,7 +193,10 @@ class AdapterWeights(nn.Module):
                 raise ValueError("an adapter taken from rows of a stacked module is written as its full diff; "
                                  "pass the layer's weight")
             with torch.no_grad():
-                return {"diff": self.delta_weight(weight, self.scale)}
+                tensors = {"diff": self.delta_weight(weight, self.scale)}
+            if self.dora_scale is not None:  # applied to W + diff as to W + scale * dW
+                tensors["dora_scale"] = self.dora_scale.detach()
+            return tensors
         tensors = {name: p.detach() for name, p in self.params.items()}
         if self.alpha is not None:
             tensors["alpha"] = self.alpha.detach()
