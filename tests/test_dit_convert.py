@@ -268,7 +268,8 @@ def test_rows_of_a_shared_lokr_with_dora_save_as_diff_and_magnitude(flux, tmp_pa
     pipe = copy.deepcopy(flux)
     pipe.load_loha_weights(state)
     saved = load_file(pipe.save_loha_weights(tmp_path / "lyco.safetensors"))
-    assert set(saved) == {f"lycoris_transformer_blocks_0_attn_to_{x}.{t}" for x in "qkv" for t in ("diff", "dora_scale")}
+    layers = {f"lycoris_transformer_blocks_0_attn_to_{x}" for x in "qkv"}
+    assert set(saved) == {f"{layer}.{t}" for layer in layers for t in ("diff", "dora_scale")}
     fresh = copy.deepcopy(flux)
     fresh.load_loha_weights(tmp_path / "lyco.safetensors")
     fresh.fuse_loha()
