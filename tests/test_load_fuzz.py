@@ -1,5 +1,5 @@
-"""Fuzzing the loader: valid SD1.5 / SDXL files of several algorithms, mutated byte by byte and
-tensor by tensor, plus files that are no adapter at all.
+"""Fuzzing the loader: valid SD1.5 / SDXL / Flux files of several algorithms, mutated byte by byte
+and tensor by tensor, plus files that are no adapter at all.
 
 The rule asserted for every case: ``load_loha_weights`` either succeeds, and then the adapter
 fuses into finite weights and unloads back to the bit-identical pipeline, or it raises one
@@ -23,25 +23,51 @@ from safetensors.torch import save
 
 import loha_diffusion  # noqa: F401  (attaches the pipeline methods)
 from adapter_files import make_file_tensors
+from dit_files import make_original_file, original_modules, text_encoder_file
 from loha_diffusion.layers import AdapterLayer
+from tiny_dit import tiny_flux_pipeline
 from tiny_models import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 UNET_TARGETS = ("to_q", "to_v", "conv1", "proj_in")
 TE_TARGETS = ("q_proj", "fc1")
 ALGORITHMS = ["loha", "lora", "lokr_both", "lokr_tucker", "lokr", "full"]
 
-FUZZ = settings(max_examples=40, deadline=timedelta(seconds=20), derandomize=True, database=None,
+FUZZ = settings(max_examples=60, deadline=timedelta(seconds=20), derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
+
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# BFL-named Flux modules (stacked qkv / linear1, the swapped final modulation, plain ones) and
+# the algorithm each gets
+FLUX_MODULES = {"double_blocks_0_img_attn_qkv": "loha", "double_blocks_1_txt_attn_qkv": "lokr",
+                "single_blocks_0_linear1": "lora", "final_layer_adaLN_modulation_1": "lokr_lowrank",
+                "double_blocks_0_img_mlp_0": "full", "single_blocks_1_linear2": "loha"}
+
+
+def flux_file_tensors(pipe) -> dict:
+    state = {}
+    for i, module in enumerate(m for m in original_modules(pipe) if m[0] in FLUX_MODULES):
+        state.update(make_original_file(pipe, FLUX_MODULES[module[0]], modules=[module], seed=i)[0])
+    te, _ = text_encoder_file(pipe, [("text_encoder", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                      "encoder.layers.0.self_attn.q_proj"),
+                                     ("text_encoder_2", "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+                                      "encoder.block.0.layer.0.SelfAttention.q")], algo="loha")
+    return {**state, **te}
 
 
 class Source:
     """One valid adapter for one pipeline: its tensors, metadata and serialized bytes."""
 
-    def __init__(self, pipe, sdxl: bool, dtype=torch.float32):
-        state, _ = make_file_tensors(pipe, ALGORITHMS, sdxl=sdxl, unet_targets=UNET_TARGETS, te_targets=TE_TARGETS)
+    def __init__(self, pipe, family: str, dtype=torch.float32):
+        if family == "flux":
+            state = flux_file_tensors(pipe)
+        else:
+            state, _ = make_file_tensors(pipe, ALGORITHMS, sdxl=family == "sdxl", unet_targets=UNET_TARGETS,
+                                         te_targets=TE_TARGETS)
         self.tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
-        self.metadata = {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "ss_network_dim": "4"}
+        version = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}[family]
+        self.metadata = {"ss_base_model_version": version, "ss_network_dim": "4"}
         self.blob = save(self.tensors, metadata=self.metadata)
         self.header_len = struct.unpack("<Q", self.blob[:8])[0]
         self.header = json.loads(self.blob[8:8 + self.header_len])
@@ -54,17 +80,19 @@ class Case:
         self.pipe, self.folder, self.sources = pipe, folder, sources
         self.before = self.state()
 
+    def components(self):
+        return [getattr(self.pipe, c) for c in COMPONENTS if getattr(self.pipe, c, None) is not None]
+
     def state(self):
-        return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder", "text_encoder_2")
-                if getattr(self.pipe, c, None) is not None for k, v in getattr(self.pipe, c).state_dict().items()}
+        return {f"{i}.{k}": v.detach().clone() for i, module in enumerate(self.components())
+                for k, v in module.state_dict().items()}
 
     def assert_untouched(self):
         after = self.state()
         assert after.keys() == self.before.keys()
         changed = [k for k in self.before if not torch.equal(after[k], self.before[k])]
         assert not changed, f"changed: {changed[:5]}"
-        assert not any(isinstance(m, AdapterLayer) for c in ("unet", "text_encoder", "text_encoder_2")
-                       if getattr(self.pipe, c, None) is not None for m in getattr(self.pipe, c).modules())
+        assert not any(isinstance(m, AdapterLayer) for module in self.components() for m in module.modules())
 
     def write(self, data: bytes, name: str = "adapter.safetensors") -> Path:
         path = self.folder / name
@@ -83,10 +111,8 @@ class Case:
             raise AssertionError(f"raw {type(error).__name__} escaped: {error}") from error
         try:
             self.pipe.fuse_loha()
-            for component in ("unet", "text_encoder", "text_encoder_2"):
-                module = getattr(self.pipe, component, None)
-                if module is not None:
-                    assert all(torch.isfinite(p).all() for p in module.parameters()), f"{component} not finite"
+            for module in self.components():
+                assert all(torch.isfinite(p).all() for p in module.parameters()), f"{type(module).__name__} not finite"
             self.pipe.unfuse_loha()
         finally:
             self.pipe.unload_loha_weights()
@@ -98,10 +124,14 @@ class Case:
 def cases(tmp_path_factory):
     sd15 = tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
     sdxl = tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl"))
+    flux = tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))
+    flux_file = Source(flux, "flux", torch.bfloat16)  # made on the fp32 weights, loaded onto bf16 ones
+    flux.to(torch.bfloat16)
     return {
         "sd15": Case(sd15, tmp_path_factory.mktemp("sd15_files"),
-                     [Source(sd15, False), Source(sd15, False, torch.float16)]),
-        "sdxl": Case(sdxl, tmp_path_factory.mktemp("sdxl_files"), [Source(sdxl, True, torch.bfloat16)]),
+                     [Source(sd15, "sd1"), Source(sd15, "sd1", torch.float16)]),
+        "sdxl": Case(sdxl, tmp_path_factory.mktemp("sdxl_files"), [Source(sdxl, "sdxl", torch.bfloat16)]),
+        "flux": Case(flux, tmp_path_factory.mktemp("flux_files"), [flux_file]),
     }
 
 
@@ -163,9 +193,10 @@ def byte_mutations(draw, source: Source) -> bytes:
 @FUZZ
 @given(data=st.data())
 def test_byte_mutations(cases, data):
-    case = cases[data.draw(st.sampled_from(sorted(cases)))]
+    name = data.draw(st.sampled_from(sorted(cases)))
+    case = cases[name]
     source = data.draw(st.sampled_from(case.sources))
-    event(case.check(case.write(data.draw(byte_mutations(source)))))
+    event(f"{name}: {case.check(case.write(data.draw(byte_mutations(source))))}")
 
 
 # -- tensor-level mutations ------------------------------------------------------------------------------
@@ -216,10 +247,12 @@ def tensor_mutations(draw, source: Source) -> dict:
 @FUZZ
 @given(data=st.data())
 def test_tensor_mutations(cases, data):
-    case = cases[data.draw(st.sampled_from(sorted(cases)))]
+    name = data.draw(st.sampled_from(sorted(cases)))
+    case = cases[name]
     source = data.draw(st.sampled_from(case.sources))
     tensors = data.draw(tensor_mutations(source))
-    event(case.check(case.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=source.metadata))))
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=source.metadata)
+    event(f"{name}: {case.check(case.write(blob))}")
 
 
 # -- things that are no adapter file ---------------------------------------------------------------------
