@@ -42,23 +42,28 @@ def load_onto_skeleton(source, base_model=None, family: str | None = None, allow
         if family == SD1_OR_SD2:  # the names alone cannot pick one of the two skeletons
             family = None
     if base_model is not None:
-        candidates = [lambda: components_from_folder(base_model)]
+        candidates = {str(base_model): lambda: components_from_folder(base_model)}
     elif family is None:
         raise AdapterFileError(f"{source}: cannot tell which model family it is for; pass the base model folder "
                                "(--base-model) or the family (--family sd1|sd2|sdxl|flux|sd3|...)")
     else:
         variants = _SD3_VARIANTS if family == "sd3" else (family,)
-        candidates = [lambda variant=variant: skeleton_components(variant) for variant in variants]
-    for build in candidates:
+        candidates = {variant: lambda variant=variant: skeleton_components(variant) for variant in variants}
+    errors = []
+    for build in candidates.values():
         components = build()
         table = KeyTable(**components)
         try:
             adapter = read.kohya_file(table, allow_unknown_keys=allow_unknown_keys) if read.peft else kohya
             placements = plan(adapter.modules, table, adapter.source, adapter.metadata, progress=progress)
             break
-        except AdapterFileError:
-            if build is candidates[-1]:
-                raise
+        except AdapterFileError as error:
+            errors.append(error)
+    else:
+        if len(errors) == 1:
+            raise errors[0]
+        raise AdapterFileError(f"{errors[0]}\nNo published {family} model fits it (tried {', '.join(candidates)}); "
+                               "pass the base model folder (--base-model)") from errors[0]
     attach(placements, table, ADAPTER)
     return components, family_of_components(components), adapter.metadata
 

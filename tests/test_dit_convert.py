@@ -279,3 +279,11 @@ def test_rows_of_a_shared_lokr_with_dora_save_as_diff_and_magnitude(flux, tmp_pa
     for i, x in enumerate("qkv"):
         fused = fresh.transformer.get_submodule(f"transformer_blocks.0.attn.to_{x}").base_layer.weight
         torch.testing.assert_close(fused.double(), expected[i * D:(i + 1) * D], rtol=0, atol=1e-5)
+
+
+def test_an_sd3_file_no_published_variant_fits_is_refused_with_the_variants_named(tmp_path):
+    name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    state = {f"{name}.lora_down.weight": torch.zeros(2, 1000), f"{name}.lora_up.weight": torch.zeros(3000, 2)}
+    save_state_dict(state, tmp_path / "odd.safetensors")
+    with pytest.raises(AdapterFileError, match=r"(?s)tried sd3, sd3.5-medium, sd3.5-large.*--base-model"):
+        convert(tmp_path / "odd.safetensors", tmp_path / "out.safetensors", "kohya")
