@@ -16,7 +16,7 @@ from loha_diffusion.algorithms import ALGORITHMS, Algorithm, loha
 
 FUNCTIONS = ("detect", "rank", "scale", "delta_weight", "check_shapes")
 CAPABILITIES = ("delta_bias", "delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost",
-                "init_params", "take_rows")
+                "init_params", "take_rows", "delta_rows")
 NAME_TUPLES = ("REQUIRED", "OPTIONAL")
 CONSTANTS = {"NAME": str, "READS_WEIGHT": bool, "TENSOR_DIMS": dict}
 # A capability is only usable with these: the cost model needs the rank and the build cost of a
@@ -33,7 +33,7 @@ EXPECTED_CAPABILITIES = {
              "take_rows"},
     "lora": {"delta_bound", "low_rank_factors", "fused_factors", "thin_rank", "build_cost", "init_params",
              "take_rows"},
-    "lokr": {"delta_bound", "init_params", "take_rows"},
+    "lokr": {"delta_bound", "init_params", "take_rows", "delta_rows"},
     "full": {"delta_bias", "delta_bound", "take_rows"},
     "norm": {"delta_bias", "delta_bound"},
     "ia3": set(),

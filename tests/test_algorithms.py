@@ -129,3 +129,20 @@ def test_delta_bound_bounds_the_formula(layout, shape):
         true_max = float(reference_delta(body, weight).abs().max())
         assert true_max <= algorithm.delta_bound(body) * (1 + 1e-6)
         assert algorithm.delta_bound(body) < 50 * true_max  # loose is fine, useless is not
+
+
+@pytest.mark.parametrize("layout", ["lokr", "lokr_both", "lokr_tucker"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d_3x3"])
+def test_lokr_delta_rows_are_rows_of_the_kronecker_product(layout, layer):
+    """Any rows, in any order (a stacked module's layer taking rows through the Kronecker blocks),
+    built from the factors' rows: equal to those rows of torch.kron."""
+    from formulas import lokr_delta
+
+    weight = LAYERS[layer]().weight
+    tensors = random_module(layout, weight, generator=torch.Generator().manual_seed(2))
+    alpha = float(tensors.pop("alpha"))
+    rows = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(3))[:7]
+    algorithm = get_algorithm("lokr")
+    ours = algorithm.delta_rows(tensors, tuple(weight.shape), rows, scale=algorithm.scale(tensors, alpha))
+    expected = lokr_delta(tensors, weight.shape, alpha)[rows]
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)

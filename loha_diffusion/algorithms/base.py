@@ -85,6 +85,11 @@ class Algorithm(Protocol):
     given output rows (an index tensor) of this dW, or None where these rows are not of that
     form (LoKr rows that cut through its blocks). How one original module of a DiT file (Flux's
     stacked ``qkv``) becomes adapters on diffusers' separate modules. None for norm and ia3."""
+    delta_rows: Callable[..., torch.Tensor] | None
+    """``delta_rows(params, weight_shape, rows, scale=1.0)``: fp32 ``scale`` * dW[rows] for a weight
+    of ``weight_shape``, at the cost of those rows only: how a layer builds its rows of a stacked
+    module that ``take_rows`` could not split (LoKr). None where ``take_rows`` always splits.
+    """
     init_params: Callable[..., dict[str, torch.Tensor]] | None
     """``init_params(shape, r, use_tucker=False, scheme="lycoris", ...)``: fresh tensors for
     training, in the community layout, for a weight of ``shape``. None for the algorithms that

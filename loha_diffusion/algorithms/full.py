@@ -71,3 +71,4 @@ fused_factors = None
 thin_rank = None
 build_cost = None
 init_params = None
+delta_rows = None  # its rows split into tensors of their own (take_rows), or it has none

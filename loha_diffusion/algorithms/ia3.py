@@ -75,3 +75,4 @@ thin_rank = None
 build_cost = None
 init_params = None
 take_rows = None  # a norm / IA3 module has no stacked output rows to split
+delta_rows = None  # its rows split into tensors of their own (take_rows), or it has none

@@ -100,6 +100,18 @@ def delta_weight(params, weight, scale: float = 1.0, **_) -> torch.Tensor:
     return torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(shape)
 
 
+def delta_rows(params, weight_shape, rows, scale: float = 1.0) -> torch.Tensor:
+    """fp32 ``scale`` * kron(w1, w2)[rows] for a weight of ``weight_shape``, built from the rows'
+    own factor rows (row i*b + p is w1[i] (x) w2[p]) at the cost of those rows only."""
+    w1 = first_factor(params) * scale
+    a, c = w1.shape
+    b, d = weight_shape[0] // a, weight_shape[1] // c
+    w2 = second_factor(params).reshape(b, d, *weight_shape[2:])
+    rows = rows.to(w1.device)
+    delta = torch.einsum("rj,rq...->rjq...", w1.index_select(0, rows // b), w2.index_select(0, rows % b))
+    return delta.reshape(len(rows), *weight_shape[1:])
+
+
 def delta_bound(params, **_) -> float:
     """Every entry of kron(w1, w2) is a product of one entry of each."""
     pair = second_factor_pair(params)

@@ -105,3 +105,4 @@ def init_params(shape, r: int, use_tucker: bool = False, scheme: str = "lycoris"
 
 # Capabilities this algorithm lacks (base.Algorithm documents each).
 delta_bias = None
+delta_rows = None  # its rows split into tensors of their own (take_rows), or it has none

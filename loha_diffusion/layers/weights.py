@@ -135,10 +135,8 @@ class AdapterWeights(nn.Module):
     def delta_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """fp32 ``scale`` * dW for the base ``weight``."""
         if self.source_rows is not None:
-            # only the shape of the stacked weight is read: a meta tensor allocates nothing
-            stacked = torch.empty((self.source_out_features, *weight.shape[1:]), device="meta")
-            delta = self.algorithm.delta_weight(self.params, stacked, scale=scale, legacy_tucker=self.legacy_tucker)
-            return delta.index_select(0, self.source_rows.to(delta.device))
+            stacked = (self.source_out_features, *weight.shape[1:])
+            return self.algorithm.delta_rows(self.params, stacked, self.source_rows, scale=scale)
         if self.source_in_channels is None:
             return self.algorithm.delta_weight(self.params, weight, scale=scale, legacy_tucker=self.legacy_tucker)
         narrow = weight[:, : self.source_in_channels]
