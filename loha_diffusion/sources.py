@@ -50,16 +50,27 @@ def locate(source, weight_name, hub_kwargs) -> Mapping | Path:
     elif not path.exists():
         if str(source).count("/") != 1 or str(source).startswith((".", "/")):
             raise AdapterFileError(f"{source}: no such file or folder (and not a hub repository id 'owner/name')")
-        from huggingface_hub import hf_hub_download, list_repo_files
-
-        if weight_name is None:
-            files = [f for f in list_repo_files(str(source), **hub_kwargs) if f.endswith(ADAPTER_SUFFIXES)]
-            if len(files) != 1:
-                raise AdapterFileError(f"hub repository {source} holds {len(files)} .safetensors files "
-                                       f"({files[:5]}); pass weight_name= to pick one")
-            weight_name = files[0]
-        path = Path(hf_hub_download(str(source), weight_name, **hub_kwargs))
+        path = _from_hub(str(source), weight_name, hub_kwargs)
     return path
+
+
+def _from_hub(repo: str, weight_name: str | None, hub_kwargs) -> Path:
+    """The adapter file of a hub repository, or, for a PEFT adapter repository (an
+    ``adapter_config.json`` at the top or in component subfolders), the local copy of its
+    configs and weights, read as a PEFT folder so that its alphas and patterns apply."""
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+
+    if weight_name is None:
+        files = list_repo_files(repo, **hub_kwargs)
+        peft = [f for f in files if f.rpartition("/")[2] in ("adapter_config.json", "adapter_model.safetensors")]
+        if any(f.endswith("adapter_config.json") for f in peft):
+            return Path(snapshot_download(repo, allow_patterns=peft, **hub_kwargs))
+        weights = [f for f in files if f.endswith(ADAPTER_SUFFIXES)]
+        if len(weights) != 1:
+            raise AdapterFileError(f"hub repository {repo} holds {len(weights)} .safetensors files "
+                                   f"({weights[:5]}); pass weight_name= to pick one")
+        weight_name = weights[0]
+    return Path(hf_hub_download(repo, weight_name, **hub_kwargs))
 
 
 @dataclass
