@@ -6,11 +6,11 @@ import shutil
 import huggingface_hub
 import pytest
 import torch
-from adapter_files import random_module, reference_delta
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 import loha_diffusion  # noqa: F401  (adds the pipeline methods)
+from adapter_files import random_module, reference_delta
 from loha_diffusion.io import AdapterFileError
 
 
