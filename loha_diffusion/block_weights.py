@@ -31,7 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .naming.keys import DENOISERS, UNET
+from .dit_blocks import DitBlocks, DitStrengths, describe_dit, expand_dit
+from .naming.keys import DENOISERS, TRANSFORMER, UNET
 
 LEVELS = ("down", "mid", "up")
 _LEVEL_PREFIX = {"down": "down_blocks", "up": "up_blocks"}
@@ -132,23 +133,26 @@ def slot_of(path: str, slots: Mapping[str, float]) -> str | None:
     return key if key in slots else None
 
 
-def layer_strength(resolved: float | Mapping[str, float], path: str) -> float:
+def layer_strength(resolved: float | Mapping[str, float] | DitStrengths, path: str) -> float:
+    if isinstance(resolved, DitStrengths):
+        return resolved.of(path)
     if not isinstance(resolved, Mapping):
         return resolved
     slot = slot_of(path, resolved)
     return 1.0 if slot is None else resolved[slot]
 
 
-def resolve(weight, components: Sequence[str], blocks: UnetBlocks | None,
-            text_encoder_weight: float | None = None) -> dict[str, float | dict[str, float]]:
-    """One adapter's ``weight`` as {component: number or {transformer prefix: strength}}."""
+def resolve(weight, components: Sequence[str], blocks: UnetBlocks | None, text_encoder_weight: float | None = None,
+            dit_blocks: DitBlocks | None = None) -> dict[str, float | dict[str, float] | DitStrengths]:
+    """One adapter's ``weight`` as {component: number, {UNet transformer prefix: strength} or
+    the DiT transformer's ``DitStrengths`` (``dit_blocks``)}."""
     weight = 1.0 if weight is None else weight
     if isinstance(weight, Mapping):
         unknown = [k for k in weight if k not in components]
         if unknown:
             raise ValueError(f"the strength dict names {unknown}, which this pipeline does not have; valid "
-                             f"components: {list(components)} (per-block strengths go under 'unet' on UNet "
-                             "pipelines)")
+                             f"components: {list(components)} (per-block strengths go under 'unet' or "
+                             "'transformer')")
         per_component = {c: weight.get(c, 1.0) for c in components}
         named_te = [c for c in weight if c not in DENOISERS]
     else:
@@ -163,9 +167,11 @@ def resolve(weight, components: Sequence[str], blocks: UnetBlocks | None,
     for component, spec in per_component.items():
         if component == UNET and blocks is not None:
             resolved[component] = expand_unet(spec, blocks)
+        elif component == TRANSFORMER and dit_blocks is not None:
+            resolved[component] = expand_dit(spec, dit_blocks)
         elif isinstance(spec, Mapping):
             raise ValueError(f"{component} takes one strength (a number), got {spec!r}; per-block strengths "
-                             "apply to a UNet (a DiT transformer takes one number)")
+                             "apply to the UNet or the transformer")
         else:
             resolved[component] = _number(spec, f"{component} strength")
     return resolved
@@ -192,9 +198,16 @@ def describe_unet(strengths: Mapping[str, float], blocks: UnetBlocks) -> float |
     return described
 
 
-def describe(per_layer: Mapping[str, Mapping[str, Mapping[str, float]]], blocks: UnetBlocks) -> dict[str, dict]:
+def describe(per_layer: Mapping[str, Mapping[str, Mapping[str, float]]], blocks: UnetBlocks | None,
+             dit_blocks: DitBlocks | None = None) -> dict[str, dict]:
     """{adapter: {component: {layer path: strength}}} as {adapter: {component: strength}} in the
     forms ``resolve`` takes (a text encoder's layers all share one strength)."""
-    return {name: {component: describe_unet(strengths, blocks) if component == UNET
-                   else next(iter(strengths.values())) for component, strengths in by_component.items()}
+    def one(component, strengths):
+        if component == UNET:
+            return describe_unet(strengths, blocks)
+        if component == TRANSFORMER:
+            return describe_dit(strengths, dit_blocks)
+        return next(iter(strengths.values()))
+
+    return {name: {component: one(component, strengths) for component, strengths in by_component.items()}
             for name, by_component in per_layer.items()}

@@ -16,13 +16,14 @@ import torch
 
 from .attach import attach, plan
 from .block_weights import UnetBlocks, describe, layer_strength, resolve
+from .dit_blocks import DitBlocks
 from .formats.kohya import save_kohya
 from .formats.peft import write_peft_folder
 from .key_table import KeyTable
 from .layers import AdapterLayer
 from .layers.cache import CacheBudget
 from .model import unwrap
-from .naming.keys import COMPONENTS, DENOISERS, UNET
+from .naming.keys import COMPONENTS, DENOISERS, TRANSFORMER, UNET
 from .sources import locate, read_for_table
 
 
@@ -35,10 +36,12 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
     return found
 
 
-def _unet_blocks(pipe) -> UnetBlocks | None:
-    """The UNet's block structure for per-block strengths; None on a DiT pipeline."""
-    unet = _components(pipe).get(UNET)
-    return None if unet is None else UnetBlocks.of(_model(unet))
+def _blocks(pipe) -> tuple[UnetBlocks | None, DitBlocks | None]:
+    """The UNet's or the transformer's block structure, for per-block strengths."""
+    components = _components(pipe)
+    unet, transformer = components.get(UNET), components.get(TRANSFORMER)
+    return (None if unet is None else UnetBlocks.of(_model(unet)),
+            None if transformer is None else DitBlocks.of(_model(transformer)))
 
 
 def _model(module: torch.nn.Module) -> torch.nn.Module:
@@ -120,7 +123,7 @@ def _active_weights(pipe) -> dict[str, dict]:
     for component, path, layer in _layers(pipe):
         for name in layer.active_adapters if layer.adapters_enabled else ():
             per_layer.setdefault(name, {}).setdefault(component, {})[path] = layer.strengths[name]
-    return describe(per_layer, _unet_blocks(pipe))
+    return describe(per_layer, *_blocks(pipe))
 
 
 def _check_known(pipe, names) -> list[str]:
@@ -145,15 +148,16 @@ def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=No
 
     ``weights``: one or one per adapter, in diffusers' ``set_adapters`` forms: a number, or
     ``{"unet": ..., "text_encoder": ...}`` where the UNet's entry may be per block, e.g.
-    ``{"down": 0.5, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (``block_weights``); what is not named
-    keeps 1.0. ``text_encoder_weights`` sets the text encoders' strength apart (ComfyUI's
+    ``{"down": 0.5, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (``block_weights``), and a Flux / SD3
+    transformer's per block list, e.g. ``{"single_transformer_blocks": [1.0, 0.5, ...], "rest": 0.8}``
+    (``dit_blocks``); what is not named keeps 1.0. ``text_encoder_weights`` sets the text encoders' strength apart (ComfyUI's
     strength_model / strength_clip). Nothing is changed on an error.
     """
     names = _check_known(pipe, adapter_names)
     components = list(_components(pipe))
-    blocks = _unet_blocks(pipe)
+    blocks, dit_blocks = _blocks(pipe)
     te_weights = _per_name(text_encoder_weights, names, "text_encoder_weights")
-    resolved = {name: resolve(weight, components, blocks, None if te is None else float(te))
+    resolved = {name: resolve(weight, components, blocks, None if te is None else float(te), dit_blocks)
                 for name, weight, te in zip(names, _per_name(weights, names, "weights"), te_weights)}
     changes = []
     for component, path, layer in _layers(pipe):

@@ -132,15 +132,41 @@ def test_strengths_per_component(flux, pipe):
     close_images(image, run_tiny_dit_pipeline(reference))
 
 
-def test_per_block_strengths_on_a_transformer_are_refused(flux, pipe):
-    pipe.load_loha_weights(flux_adapter(flux)[0], adapter_name="a")
-    pipe.set_loha_adapters(["a"], weights=0.7)
-    before = pipe.get_loha_adapters(weights=True)
-    with pytest.raises(ValueError, match="transformer takes one strength"):
-        pipe.set_loha_adapters(["a"], weights={"transformer": {"down": 0.5}})
-    with pytest.raises(ValueError, match="transformer takes one strength"):
-        pipe.set_loha_adapters(["a"], weights={"transformer": {"block_0": [1.0, 0.5]}})
-    assert pipe.get_loha_adapters(weights=True) == before
+def test_per_block_strengths_on_a_transformer(flux, pipe):
+    """Per double / single block and for the layers outside them (what sd-webui-lora-block-weight's
+    D00-D18 / S00-S37 / IN-OUT weights do): each layer at its block's strength, W + s * (E - W)."""
+    state, expected = flux_adapter(flux, text_encoders=False)
+    pipe.load_loha_weights(state, adapter_name="a")
+    spec = {"transformer_blocks": [1.0, 0.0], "single_transformer_blocks": {"block_1": 0.5}, "rest": 0.25}
+    pipe.set_loha_adapters(["a"], weights={"transformer": spec})
+
+    per_block = {"transformer_blocks": [1.0, 0.0], "single_transformer_blocks": [1.0, 0.5]}
+
+    def strength(path):
+        block, _, inner = path.partition(".")
+        return per_block[block][int(inner.partition(".")[0])] if block in per_block else 0.25
+
+    paths = expected["transformer"]
+    assert {strength(p) for p in paths} == {1.0, 0.5, 0.25, 0.0}  # the file reaches every kind of slot
+    wanted = {p: at_strengths(flux, {"transformer": {p: paths[p]}}, {"transformer": strength(p)})["transformer"][p]
+              for p in paths if strength(p) != 0}
+    described = pipe.get_loha_adapters(weights=True)
+    assert described == {"a": {"transformer": {"transformer_blocks": [1.0, 0.0],
+                                               "single_transformer_blocks": [1.0, 0.5], "rest": 0.25}}}
+    pipe.set_loha_adapters(list(described), list(described.values()))  # the documented round trip
+    assert pipe.get_loha_adapters(weights=True) == described
+    pipe.fuse_loha()
+    assert_components(flux, pipe, {"transformer": wanted})
+    for path in (p for p in paths if strength(p) == 0):
+        assert torch.equal(pipe.transformer.get_submodule(path).weight, flux.transformer.get_submodule(path).weight)
+    pipe.unfuse_loha()
+
+    for bad, message in (({"down": 0.5}, "valid: transformer_blocks \\(2 blocks\\), single_transformer_blocks"),
+                         ({"transformer_blocks": [1.0]}, "has 2 blocks, got 1"),
+                         ({"single_transformer_blocks": {"block_2": 1.0}}, "block_0 to block_1")):
+        with pytest.raises(ValueError, match=message):
+            pipe.set_loha_adapters(["a"], weights={"transformer": bad})
+    assert pipe.get_loha_adapters(weights=True) == described
 
 
 def test_two_adapters_at_once(flux, pipe):
