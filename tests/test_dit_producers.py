@@ -351,3 +351,43 @@ def test_comfyui_dotted_file_from_disk_with_loha(flux, tmp_path):
     pipe = loaded(flux, path)
     pipe.fuse_loha()
     assert_components(flux, pipe, expected)
+
+
+# -- XLabs-AI's Flux LoRA layout -----------------------------------------------------------------
+def test_xlabs_flux_lora_matches_diffusers(flux):
+    """XLabs' processor names (qkv_lora1/2, proj_lora1/2, single blocks' qkv_lora over linear1's
+    q, k, v rows and proj_lora), down/up tensors, no alphas; some keys with ``diffusion_model.``:
+    our fused weights are what diffusers' own XLabs converter merges."""
+    g = torch.Generator().manual_seed(7)
+    width, state = 32, {}
+
+    def pair(path, rows, cols):
+        state[f"{path}.down.weight"] = torch.randn(4, cols, generator=g) * 0.3
+        state[f"{path}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
+
+    for i in range(2):
+        for side in ("1", "2"):
+            pair(f"double_blocks.{i}.processor.qkv_lora{side}", 3 * width, width)
+            pair(f"double_blocks.{i}.processor.proj_lora{side}", width, width)
+    pair("diffusion_model.single_blocks.0.processor.qkv_lora", 3 * width, width)
+    pair("single_blocks.1.processor.proj_lora", width, width + 128)
+
+    theirs = copy.deepcopy(flux)
+    theirs.load_lora_weights(dict(state))
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    ours = loaded(flux, dict(state))
+    ours.fuse_loha()
+    expected = {k: v for k, v in theirs.transformer.state_dict().items()}
+    got = {k.replace(".base_layer", ""): v for k, v in ours.transformer.state_dict().items() if ".adapters." not in k}
+    assert expected.keys() == got.keys()
+    changed = [k for k in expected if not torch.equal(expected[k], flux.transformer.state_dict()[k])]
+    assert len(changed) == 2 * 8 + 3 + 1  # q/k/v/out, add_q/k/v/add_out per double block; q/k/v; proj_out
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    # and the formula for one row block: single block 0's to_k takes rows D..2D of qkv_lora's up
+    name = "diffusion_model.single_blocks.0.processor.qkv_lora"
+    delta = state[f"{name}.up.weight"][width:2 * width].double() @ state[f"{name}.down.weight"].double()
+    key = "single_transformer_blocks.0.attn.to_k.weight"
+    torch.testing.assert_close(got[key].double(), flux.transformer.state_dict()[key].double() + delta,
+                               rtol=0, atol=1e-6)

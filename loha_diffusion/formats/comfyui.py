@@ -1,4 +1,4 @@
-"""Dotted-path adapter files of DiT models: ComfyUI's and BFL's layout.
+"""Dotted-path adapter files of DiT models: ComfyUI's, BFL's and XLabs' layouts.
 
 ComfyUI saves (and BFL, ai-toolkit and others publish) Flux / SD3 adapters keyed by the
 original model's dotted module paths instead of Kohya's flattened names, with Kohya's tensor
@@ -7,6 +7,11 @@ names or PEFT's ``lora_A`` / ``lora_B``::
     diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight      (also "transformer.")
     text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.alpha
     text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight
+
+XLabs-AI's Flux LoRAs name their attention processors' layers, with ``down`` / ``up`` tensors
+and no alphas (scale 1), with or without ``diffusion_model.``::
+
+    double_blocks.0.processor.qkv_lora1.down.weight
 
 The same adapter under Kohya names is ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``
 etc. (``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G, ``lora_te3_`` T5), which is how these files are
@@ -23,7 +28,11 @@ _PREFIXES = {"diffusion_model.": UNET_PREFIX, "text_encoders.clip_l.transformer.
 # "transformer." also starts diffusers' own files (transformer.<path>.lora_A.weight), which are
 # read as those; it is a dotted original-tree file only with Kohya / LyCORIS tensor names.
 _TRANSFORMER = "transformer."
-_PEFT_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# PEFT's and XLabs' names of a LoRA pair
+_PAIR_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                 "down.weight": "lora_down.weight", "up.weight": "lora_up.weight"}
+# original-tree block lists, which files also name without any prefix (XLabs)
+_BARE_ROOTS = ("double_blocks.", "single_blocks.", "joint_blocks.")
 _KOHYA_TENSOR_STARTS = ("lora_down.", "lora_up.", "lora_mid.", "hada_", "lokr_", "alpha", "dora_scale", "diff",
                         "w_norm", "b_norm")
 
@@ -42,7 +51,10 @@ def _renamed(key: str) -> str | None:
     for prefix, kohya_prefix in _PREFIXES.items():
         if key.startswith(prefix):
             path, tensor = _split(key[len(prefix):])
-            return f"{kohya_prefix}{flat(path)}.{_PEFT_TENSORS.get(tensor, tensor)}"
+            return f"{kohya_prefix}{flat(path)}.{_PAIR_TENSORS.get(tensor, tensor)}"
+    if key.startswith(_BARE_ROOTS):
+        path, tensor = _split(key)
+        return f"{UNET_PREFIX}{flat(path)}.{_PAIR_TENSORS.get(tensor, tensor)}"
     if key.startswith(_TRANSFORMER):
         path, tensor = _split(key[len(_TRANSFORMER):])
         if tensor.startswith(_KOHYA_TENSOR_STARTS):
@@ -69,6 +81,7 @@ def read_dotted_dit(tensors: dict, source: str) -> dict:
     if strays:
         raise AdapterFileError(f"{source}: a ComfyUI/BFL dotted-path file (diffusion_model.<path>...) that also holds "
                                f"{len(strays)} key(s) of another layout, e.g. {strays[:3]}; expected every key to "
-                               "start with diffusion_model., transformer. or text_encoders.<clip_l|clip_g|t5xxl>."
-                               "transformer.")
+                               "start with diffusion_model., transformer., text_encoders.<clip_l|clip_g|t5xxl>."
+                               "transformer. or an original block list (double_blocks., single_blocks., "
+                               "joint_blocks.)")
     return renamed

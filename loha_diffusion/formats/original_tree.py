@@ -36,6 +36,8 @@ def original_tree_tensors(components: dict, adapter_name: str, family: str) -> d
     adapted = {m.path: m for m in adapter_modules({TRANSFORMER: transformer}, adapter_name)}
     tensors, written = {}, set()
     for original in ORIGINAL_MODULES[family](transformer.config):
+        if not original.written:
+            continue
         parts = [adapted.get(path) for path in original.parts]
         if not any(parts):
             continue

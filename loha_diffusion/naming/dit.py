@@ -38,6 +38,7 @@ class OriginalModule(NamedTuple):
     path: str
     parts: tuple[str, ...]
     swap_halves: bool = False  # the one part's two output halves come in the other order
+    written: bool = True  # False: a name files may use (XLabs'), never written
 
     @property
     def is_fused(self) -> bool:
@@ -48,10 +49,25 @@ def _one(path: str, part: str) -> OriginalModule:
     return OriginalModule(path, (part,))
 
 
+def _xlabs(block: str, ours: str, single: bool) -> list[OriginalModule]:
+    """XLabs-AI's Flux LoRA names (their attention processors' ``qkv_lora`` / ``proj_lora``, as
+    diffusers' ``_convert_xlabs_flux_lora_to_diffusers`` maps them): read, not written. A single
+    block's ``qkv_lora`` covers the q, k, v rows of ``linear1`` only."""
+    qkv = tuple(f"{ours}.attn.to_{x}" for x in "qkv")
+    if single:
+        return [OriginalModule(f"{block}.processor.qkv_lora", qkv, written=False),
+                OriginalModule(f"{block}.processor.proj_lora", (f"{ours}.proj_out",), written=False)]
+    return [OriginalModule(f"{block}.processor.qkv_lora1", qkv, written=False),
+            OriginalModule(f"{block}.processor.proj_lora1", (f"{ours}.attn.to_out.0",), written=False),
+            OriginalModule(f"{block}.processor.qkv_lora2", tuple(f"{ours}.attn.add_{x}_proj" for x in "qkv"),
+                           written=False),
+            OriginalModule(f"{block}.processor.proj_lora2", (f"{ours}.attn.to_add_out",), written=False)]
+
+
 def flux_modules(config) -> list[OriginalModule]:
     """BFL Flux names (``flux/model.py`` of black-forest-labs/flux) of a diffusers
     ``FluxTransformer2DModel``; the mapping is diffusers' own single-file converter's
-    (``convert_flux_transformer_checkpoint_to_diffusers``)."""
+    (``convert_flux_transformer_checkpoint_to_diffusers``). XLabs' names come along (``_xlabs``)."""
     table = [_one("img_in", "x_embedder"), _one("txt_in", "context_embedder"),
              _one("final_layer.linear", "proj_out"),
              OriginalModule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True)]
@@ -72,6 +88,7 @@ def flux_modules(config) -> list[OriginalModule]:
             _one(f"{block}.txt_mlp.0", f"{ours}.ff_context.net.0.proj"),
             _one(f"{block}.txt_mlp.2", f"{ours}.ff_context.net.2"),
             _one(f"{block}.txt_mod.lin", f"{ours}.norm1_context.linear"),
+            *_xlabs(block, ours, single=False),
         ]
     for i in range(config_value(config, "num_single_layers")):
         block, ours = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
@@ -79,6 +96,7 @@ def flux_modules(config) -> list[OriginalModule]:
             OriginalModule(f"{block}.linear1", (*(f"{ours}.attn.to_{x}" for x in "qkv"), f"{ours}.proj_mlp")),
             _one(f"{block}.linear2", f"{ours}.proj_out"),
             _one(f"{block}.modulation.lin", f"{ours}.norm.linear"),
+            *_xlabs(block, ours, single=True),
         ]
     return table
 
