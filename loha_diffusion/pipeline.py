@@ -150,8 +150,9 @@ def set_loha_adapters(pipe, adapter_names, weights=None, text_encoder_weights=No
     ``{"unet": ..., "text_encoder": ...}`` where the UNet's entry may be per block, e.g.
     ``{"down": 0.5, "up": {"block_1": [1.0, 0.0, 1.0]}}`` (``block_weights``), and a Flux / SD3
     transformer's per block list, e.g. ``{"single_transformer_blocks": [1.0, 0.5], "rest": 0.8}``
-    (``dit_blocks``); what is not named keeps 1.0. ``text_encoder_weights`` sets the text encoders' strength apart (ComfyUI's
-    strength_model / strength_clip). Nothing is changed on an error.
+    (``dit_blocks``); what is not named keeps 1.0. ``text_encoder_weights`` sets the text
+    encoders' strength apart (ComfyUI's strength_model / strength_clip). Nothing is changed on an
+    error.
     """
     names = _check_known(pipe, adapter_names)
     components = list(_components(pipe))
