@@ -19,8 +19,10 @@ from .formats.diffusers import is_diffusers_lora, read_diffusers_lora
 from .formats.kohya import KohyaFile
 from .formats.peft import PeftFolder, is_peft_folder
 from .io import AdapterFileError, load_state_dict
+from .naming.peft import PEFT_PREFIX
 
 ADAPTER_SUFFIXES = (".safetensors",)
+PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def _find_adapter_file(folder: Path, weight_name: str | None) -> Path:
@@ -43,6 +45,8 @@ def locate(source, weight_name, hub_kwargs) -> Mapping | Path:
     if isinstance(source, Mapping):
         return source
     path = Path(os.fspath(source))
+    if weight_name is None and path.name == PEFT_WEIGHTS and (path.parent / "adapter_config.json").is_file():
+        path = path.parent  # a PEFT adapter's weights: its folder, so that the config's alphas apply
     if path.is_dir():
         if weight_name is None and (is_peft_folder(path) or (path / "adapter_config.json").is_file()):
             return path
@@ -62,7 +66,7 @@ def _from_hub(repo: str, weight_name: str | None, hub_kwargs) -> Path:
 
     if weight_name is None:
         files = list_repo_files(repo, **hub_kwargs)
-        peft = [f for f in files if f.rpartition("/")[2] in ("adapter_config.json", "adapter_model.safetensors")]
+        peft = [f for f in files if f.rpartition("/")[2] in ("adapter_config.json", PEFT_WEIGHTS)]
         if any(f.endswith("adapter_config.json") for f in peft):
             return Path(snapshot_download(repo, allow_patterns=peft, **hub_kwargs))
         weights = [f for f in files if f.endswith(ADAPTER_SUFFIXES)]
@@ -106,6 +110,10 @@ def read_source(source: Path | Mapping, allow_pickle: bool = False) -> AdapterSo
     if is_diffusers_lora(tensors):
         return AdapterSource(description, "diffusers LoRA", metadata,
                              peft=read_diffusers_lora(tensors, metadata, description))
+    if tensors and all(key.startswith(PEFT_PREFIX) for key in tensors):
+        raise AdapterFileError(f"{description}: PEFT adapter weights ({PEFT_PREFIX}...) without their "
+                               "adapter_config.json, which holds the scale (lora_alpha / alpha) and the rank "
+                               "patterns; pass the folder that holds both")
     if is_dotted_dit(tensors):
         return AdapterSource(description, "ComfyUI/BFL dotted paths", metadata,
                              tensors=read_dotted_dit(tensors, description))

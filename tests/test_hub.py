@@ -1,5 +1,6 @@
-"""Loading from a hub repository id, with huggingface_hub's calls served from a local folder
-(the tests run offline): a PEFT adapter repository and a single-file repository."""
+"""Loading from where users point: a hub repository id (huggingface_hub's calls served from a
+local folder, the tests run offline), a PEFT adapter repository or a single-file one, and a PEFT
+folder's weights file."""
 import copy
 import shutil
 
@@ -94,3 +95,25 @@ def test_a_single_file_repository_and_weight_name(sd15, tmp_path, hub):
         copy.deepcopy(sd15).load_loha_weights("someone/style")
     copy.deepcopy(sd15).load_loha_weights("someone/style", weight_name="style_v2.safetensors")
     assert calls[-1] == ("file", "someone/style", "style_v2.safetensors")
+
+
+def test_a_peft_weights_file_is_read_with_its_config(sd3, tmp_path):
+    """Pointing at a PEFT folder's adapter_model.safetensors reads the folder (the config holds
+    the scale); the same weights alone are refused, not applied at a guessed scale."""
+    config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(sd3.transformer), config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    pipe = copy.deepcopy(sd3)
+    pipe.load_loha_weights(tmp_path / "adapter" / "adapter_model.safetensors")
+    pipe.fuse_loha()
+    with torch.no_grad():
+        peft_model.merge_adapter()
+    key = "transformer_blocks.1.attn.to_q"
+    torch.testing.assert_close(pipe.transformer.get_submodule(key).base_layer.weight,
+                               peft_model.base_model.model.get_submodule(key).base_layer.weight, rtol=1e-5, atol=1e-6)
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "adapter" / "adapter_model.safetensors", alone / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match="without their adapter_config.json"):
+        copy.deepcopy(sd3).load_loha_weights(alone / "adapter_model.safetensors")
