@@ -69,7 +69,8 @@ _SD12_UNET = re.compile(
 
 def detect_family(metadata: Mapping[str, str] | None = None, tensors: Mapping | None = None,
                   names: Iterable[str] | None = None) -> str | None:
-    """"sd1", "sd2", "sdxl", "sd1/sd2" (the names alone can say no more) or None (unknown).
+    """"sd1", "sd2", "sdxl", "flux", "sd3", "sd1/sd2" (the names alone can say no more) or None
+    (unknown).
 
     ``tensors`` are keyed ``<module>.<tensor>`` (Kohya) or by dotted module path (PEFT);
     ``names`` are Kohya / LyCORIS module names.
