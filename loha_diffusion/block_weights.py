@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .dit_blocks import DitBlocks, DitStrengths, describe_dit, expand_dit
+from .dit_blocks import DitBlocks, DitStrengths, describe_dit, expand_dit, strength_number
 from .naming.keys import DENOISERS, TRANSFORMER, UNET
 
 LEVELS = ("down", "mid", "up")
@@ -62,12 +62,6 @@ class UnetBlocks:
         return "; ".join(parts) + f"; mid: {'1 transformer' if self.mid else 'none'}"
 
 
-def _number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-
-
 def _level_slots(level: str, spec, blocks: UnetBlocks) -> dict[str, float]:
     """{"down_blocks.1.attentions.0": strength, ...} for one level's entry."""
     present = blocks.levels[level]
@@ -85,14 +79,14 @@ def _level_slots(level: str, spec, blocks: UnetBlocks) -> dict[str, float]:
         value = per_block.get(f"block_{i}", 1.0)
         where = f"unet {level}.block_{i}"
         if isinstance(value, Sequence) and not isinstance(value, str):
-            values = [_number(v, where) for v in value]
+            values = [strength_number(v, where) for v in value]
             if len(values) == 1:
                 values = values * count
             if len(values) != count:
                 raise ValueError(f"{where} has {count} transformers, got {len(values)} strengths {list(value)}; "
                                  f"pass one number or {count}")
         else:
-            values = [_number(value, where)] * count
+            values = [strength_number(value, where)] * count
         for j, strength in enumerate(values):
             slots[f"{_LEVEL_PREFIX[level]}.{i}.attentions.{j}"] = strength
     return slots
@@ -101,7 +95,7 @@ def _level_slots(level: str, spec, blocks: UnetBlocks) -> dict[str, float]:
 def expand_unet(spec, blocks: UnetBlocks) -> float | dict[str, float]:
     """A number as it is; a dict as {transformer path prefix: strength} over every transformer."""
     if not isinstance(spec, Mapping):
-        return _number(spec, "unet strength")
+        return strength_number(spec, "unet strength")
     unknown = [k for k in spec if k not in LEVELS]
     if unknown:
         raise ValueError(f"the unet strength dict names {unknown}; it takes 'down', 'mid' and 'up' "
@@ -115,7 +109,7 @@ def expand_unet(spec, blocks: UnetBlocks) -> float | dict[str, float]:
             mid = mid[0]
         if not blocks.mid:
             raise ValueError(f"this UNet's mid block has no transformer; valid names: {blocks.valid_names()}")
-        slots["mid_block.attentions.0"] = _number(mid, "unet mid")
+        slots["mid_block.attentions.0"] = strength_number(mid, "unet mid")
     for level in ("down", "up"):
         slots.update(_level_slots(level, spec.get(level, 1.0), blocks))
     return slots
@@ -173,7 +167,7 @@ def resolve(weight, components: Sequence[str], blocks: UnetBlocks | None, text_e
             raise ValueError(f"{component} takes one strength (a number), got {spec!r}; per-block strengths "
                              "apply to the UNet or the transformer")
         else:
-            resolved[component] = _number(spec, f"{component} strength")
+            resolved[component] = strength_number(spec, f"{component} strength")
     return resolved
 
 

@@ -22,7 +22,8 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 REST = "rest"
 
 
-def _number(value, where: str) -> float:
+def strength_number(value, where: str) -> float:
+    """``value`` as a strength: a number (not a bool), or a ValueError naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: expected a number, got {value!r}")
     return float(value)
@@ -64,23 +65,23 @@ def _block_list(name: str, value, count: int) -> tuple[float, ...]:
                                             and int(k[6:]) < count)]
         if unknown:
             raise ValueError(f"{where} names {unknown}; it has block_0 to block_{count - 1}")
-        return tuple(_number(value.get(f"block_{i}", 1.0), f"{where}.block_{i}") for i in range(count))
+        return tuple(strength_number(value.get(f"block_{i}", 1.0), f"{where}.block_{i}") for i in range(count))
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != count:
             raise ValueError(f"{where} has {count} blocks, got {len(value)} strengths; pass one number or {count}")
-        return tuple(_number(v, where) for v in value)
-    return (_number(value, where),) * count
+        return tuple(strength_number(v, where) for v in value)
+    return (strength_number(value, where),) * count
 
 
 def expand_dit(spec, blocks: DitBlocks) -> float | DitStrengths:
     """A number as it is; a dict as a ``DitStrengths``."""
     if not isinstance(spec, Mapping):
-        return _number(spec, "transformer strength")
+        return strength_number(spec, "transformer strength")
     unknown = [k for k in spec if k not in blocks.counts and k != REST]
     if unknown:
         raise ValueError(f"the transformer strength dict names {unknown}; valid: {blocks.valid_names()}")
     return DitStrengths({name: _block_list(name, spec.get(name, 1.0), count) for name, count in blocks.counts.items()},
-                        _number(spec.get(REST, 1.0), f"transformer {REST}"))
+                        strength_number(spec.get(REST, 1.0), f"transformer {REST}"))
 
 
 def describe_dit(strengths: Mapping[str, float], blocks: DitBlocks) -> float | dict:
