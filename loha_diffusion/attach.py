@@ -71,7 +71,7 @@ def _place(name: str, module: ModuleTensors, target: Target, table: KeyTable, op
     if not isinstance(base, LOADABLE_LAYERS) or getattr(base, "weight", None) is None:
         return f"{name}: {target.component}.{target.path} is a {type(base).__name__}, which adapters cannot patch"
     shape = tuple(base.weight.shape)
-    if not layout:  # a stacked module's shapes were checked whole
+    if not layout:  # with source_rows, the whole stacked module's shapes were checked already
         error = module.algorithm.check_shapes(module.tensors, shape)
         if error is not None:
             padding = _inpaint_padding(target, base, module)

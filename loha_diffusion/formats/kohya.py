@@ -22,7 +22,7 @@ import torch
 
 from ..family import family_of_components
 from ..io import load_state_dict, save_state_dict
-from ..naming.dit import config_value
+from ..naming.dit import config_field
 from ..naming.keys import DIT_FAMILIES, FAMILIES, TRANSFORMER, UNET
 from ..naming.kohya import kohya_name
 from ..naming.sgm import SgmPaths
@@ -136,10 +136,10 @@ def kohya_state_dict(components: dict, adapter_name: str, family: str, save_dtyp
 def dit_architecture(family: str, transformer_config) -> str:
     """modelspec.architecture of a Flux / SD3 transformer: the variant its config shows."""
     if family == "flux":
-        return "flux-1-dev" if config_value(transformer_config, "guidance_embeds") else "flux-1-schnell"
-    if config_value(transformer_config, "dual_attention_layers"):
+        return "flux-1-dev" if config_field(transformer_config, "guidance_embeds") else "flux-1-schnell"
+    if config_field(transformer_config, "dual_attention_layers"):
         return "stable-diffusion-3.5-medium"
-    return "stable-diffusion-3.5-large" if config_value(transformer_config, "qk_norm") else "stable-diffusion-3-medium"
+    return "stable-diffusion-3.5-large" if config_field(transformer_config, "qk_norm") else "stable-diffusion-3-medium"
 
 
 def kohya_metadata(family: str, network: NetworkInfo, v_prediction: bool, title: str,

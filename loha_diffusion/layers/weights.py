@@ -181,15 +181,13 @@ class AdapterWeights(nn.Module):
         """(kind, factors) in the layout ``loha_diffusion.fused`` takes."""
         return self.algorithm.fused_factors(self.params, legacy_tucker=self.legacy_tucker)
 
-    def tensors_for_file(self, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """This adapter's tensors under their community names (alpha and dora_scale included).
+    def tensors_for_file(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under their community names (alpha and dora_scale included),
+        for a layer of ``weight``.
 
         Rows taken from a stacked module are no tensors of their own: they are written as the
-        exact ``diff`` of this layer (alpha applied), which needs the layer's ``weight``."""
+        exact ``diff`` of this layer (alpha applied), built to the shape of ``weight``."""
         if self.source_rows is not None:
-            if weight is None:
-                raise ValueError("an adapter taken from rows of a stacked module is written as its full diff; "
-                                 "pass the layer's weight")
             with torch.no_grad():
                 tensors = {"diff": self.delta_weight(weight, self.scale)}
             if self.dora_scale is not None:  # applied to W + diff as to W + scale * dW

@@ -25,8 +25,9 @@ from typing import NamedTuple
 from .keys import TE1_PREFIX, TE2_PREFIX, TE3_PREFIX, TE_PREFIX, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3
 
 
-def config_value(config, key: str):
-    """A field of a transformer config (a FrozenDict, a dict or an object); None if absent."""
+def config_field(config, key: str):
+    """A field of a transformer config (a FrozenDict, a dict or an object); None if absent (unlike
+    ``sgm.config_value``, which falls back to the UNet's defaults)."""
     if isinstance(config, Mapping):
         return config.get(key)
     return getattr(config, key, None)
@@ -75,7 +76,7 @@ def flux_modules(config) -> list[OriginalModule]:
                                 ("guidance_in", "guidance_embedder")):
         for side, linear in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
             table.append(_one(f"{original}.{side}", f"time_text_embed.{diffusers}.{linear}"))
-    for i in range(config_value(config, "num_layers")):
+    for i in range(config_field(config, "num_layers")):
         block, ours = f"double_blocks.{i}", f"transformer_blocks.{i}"
         table += [
             OriginalModule(f"{block}.img_attn.qkv", tuple(f"{ours}.attn.to_{x}" for x in "qkv")),
@@ -90,7 +91,7 @@ def flux_modules(config) -> list[OriginalModule]:
             _one(f"{block}.txt_mod.lin", f"{ours}.norm1_context.linear"),
             *_xlabs(block, ours, single=False),
         ]
-    for i in range(config_value(config, "num_single_layers")):
+    for i in range(config_field(config, "num_single_layers")):
         block, ours = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
         table += [
             OriginalModule(f"{block}.linear1", (*(f"{ours}.attn.to_{x}" for x in "qkv"), f"{ours}.proj_mlp")),
@@ -113,7 +114,7 @@ def sd3_modules(config) -> list[OriginalModule]:
              _one("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
              _one("final_layer.linear", "proj_out"),
              OriginalModule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True)]
-    layers = config_value(config, "num_layers")
+    layers = config_field(config, "num_layers")
     for i in range(layers):
         block, ours = f"joint_blocks.{i}", f"transformer_blocks.{i}"
         last = i == layers - 1
@@ -154,9 +155,9 @@ T5_COMPONENT = {"flux": TEXT_ENCODER_2, "sd3": TEXT_ENCODER_3}
 
 def dit_family(config) -> str | None:
     """"flux" or "sd3" for a diffusers transformer config; None for another transformer."""
-    if config_value(config, "num_single_layers") is not None:
+    if config_field(config, "num_single_layers") is not None:
         return "flux"
-    if config_value(config, "caption_projection_dim") is not None:
+    if config_field(config, "caption_projection_dim") is not None:
         return "sd3"
     return None
 
